@@ -1,0 +1,30 @@
+"""Shared CLI plumbing: consoles, error exits, option parsing."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import NoReturn
+
+from rich.console import Console
+
+from surgeon.errors import SurgeonError
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True)
+
+
+def fail(message: str, hint: str | None = None) -> NoReturn:
+    """Print one line (message and hint) on stderr and exit with code 2."""
+    raise SurgeonError(message, hint)
+
+
+def report_error(exc: SurgeonError) -> int:
+    text = exc.message.rstrip(".")
+    line = f"error: {text}" + (f". hint: {exc.hint}" if exc.hint else "")
+    print(line, file=sys.stderr)
+    return 2
+
+
+def debug() -> bool:
+    return os.environ.get("SURGEON_DEBUG", "") not in ("", "0")

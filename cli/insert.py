@@ -1,0 +1,99 @@
+"""``surgeon insert``: put shift/scale modules after the input and every non-final activation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.table import Table
+
+import surgeon
+from surgeon.models import parse_model_args
+from surgeon.report_insert import insertion_summary
+
+from .common import console, err_console
+
+
+def insert_command(
+    model: Annotated[
+        str, typer.Argument(help="model.py[:name], timm:NAME, torchvision:NAME, allconv or mlp")
+    ],
+    shift: Annotated[str, typer.Option(help="none, element, channel or layer")] = "layer",
+    scale: Annotated[str, typer.Option(help="none, element, channel or layer")] = "layer",
+    include: Annotated[
+        list[str],
+        typer.Option(help="keep only sites whose kind or node-name glob matches (repeatable)"),
+    ] = [],  # noqa: B006
+    exclude: Annotated[
+        list[str], typer.Option(help="drop sites whose kind or node-name glob matches (repeatable)")
+    ] = [],  # noqa: B006
+    input_size: Annotated[
+        str | None, typer.Option(help="C,H,W for shape propagation (default: the model's own)")
+    ] = None,
+    model_arg: Annotated[
+        list[str], typer.Option(help="key=value passed to the model's constructor (repeatable)")
+    ] = [],  # noqa: B006
+    leaf: Annotated[
+        list[str], typer.Option(help="module class name the tracer must not enter (repeatable)")
+    ] = [],  # noqa: B006
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o", "--output", help="write surgery.json, model.safetensors and model_fx.py here"
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print one JSON object on stdout instead of tables")
+    ] = False,
+) -> None:
+    """Insert shift/scale modules into MODEL and report the sites."""
+    surgeon.layers.check_mode(shift, "shift mode")
+    surgeon.layers.check_mode(scale, "scale mode")
+    base = surgeon.build_model(model, parse_model_args(model_arg))
+    gm = surgeon.insert(
+        base, shift, scale, include=include, exclude=exclude, input_size=input_size, leaf=leaf
+    )
+    summary = insertion_summary(base, gm, spec=model, shift=shift, scale=scale)
+    if output is not None:
+        surgeon.save(gm, output)
+    if as_json:
+        print(json.dumps(summary))
+        return
+    _print_table(summary)
+    if output is not None:
+        console.print(f"saved to [bold]{output}[/] (surgery.json, model.safetensors, model_fx.py)")
+
+
+def _print_table(summary: dict) -> None:
+    sites = summary["sites"]
+    if not sites:
+        err_console.print("[yellow]warning:[/] no sites found: nothing was inserted")
+    table = Table(title=f"{summary['model']}: shift={summary['shift']} scale={summary['scale']}")
+    for col, justify in (("#", "right"), ("node", "left"), ("kind", "left"), ("target", "left"),
+                         ("shape", "left"), ("shift params", "right"), ("scale params", "right")):  # fmt: skip
+        table.add_column(col, justify=justify)
+    for i, s in enumerate(sites):
+        shape = "×".join("N" if d < 0 else str(d) for d in s["shape"])
+        table.add_row(
+            str(i),
+            s["name"],
+            s["kind"],
+            s["target"],
+            shape,
+            f"{s['shift_params']:,}",
+            f"{s['scale_params']:,}",
+        )
+    console.print(table)
+    pct = 100.0 * summary["params_added"] / max(summary["params_model"], 1)
+    diff = summary["max_abs_diff_at_init"]
+    console.print(
+        f"{len(sites)} sites, {summary['params_added']:,} parameters added "
+        f"({pct:.4f}% of {summary['params_model']:,}); max |Δoutput| at init: {diff:g}"
+        + (" [green](identity)[/]" if diff == 0 else " [red](not identity)[/]")
+    )
+
+
+__all__ = ["insert_command", "torch"]

@@ -1,0 +1,431 @@
+"""Image datasets as uint8 tensors: the embedded sample, torchvision CIFAR, ImageFolder folders.
+
+Every source is decoded once into a safetensors cache keyed by a cheap fingerprint of its files;
+later loads read the cache only. Nothing is pickled or `torch.load`-ed by this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from surgeon.errors import DataError
+
+SAMPLE_TAR = Path(__file__).parent / "sample" / "cifar10-sample.tar.gz"
+CACHE_VERSION = 1  # bump when the cache layout or decoding changes
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SPLITS = ("train", "test")
+
+
+@dataclass
+class ImageData:
+    """A train/test image classification dataset held as uint8 NCHW tensors."""
+
+    train_x: torch.Tensor  # (N, 3, H, W) uint8, contiguous
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+    mean: tuple[float, ...]  # per channel, [0, 1] units, train split only
+    std: tuple[float, ...]
+    source: str  # "sample", "cifar10", "cifar100" or "folder:/abs/path"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __repr__(self) -> str:
+        shape = tuple(self.train_x.shape[1:])
+        return (
+            f"ImageData(source={self.source!r}, train={len(self.train_y)}, "
+            f"test={len(self.test_y)}, image={shape}, classes={self.num_classes})"
+        )
+
+
+@dataclass
+class Decoded:
+    """Tensors and class names straight from a source, before limits.
+
+    mean/std of the full train split are filled in once and kept in the cache metadata.
+    """
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+
+@dataclass
+class Plan:
+    """A resolved source: its public name, cache file stem, fingerprint and decoder."""
+
+    name: str
+    cache_key: str
+    fingerprint: str
+    decode: Callable[[], Decoded]
+
+
+# --- decoding helpers --------------------------------------------------------------------------
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """Decode one encoded image into an (H, W, 3) uint8 array; `name` is used in errors."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB"))
+    except Exception as e:  # PIL raises many types for unreadable files
+        raise DataError(
+            f"cannot decode image {name}: {e}", hint="remove or re-encode the file"
+        ) from e
+
+
+def stack_images(arrays: list[np.ndarray], names: list[str]) -> torch.Tensor:
+    """Stack (H, W, 3) arrays of one shared size into an (N, 3, H, W) uint8 tensor."""
+    if not arrays:
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    size = arrays[0].shape
+    for arr, name in zip(arrays, names, strict=True):
+        if arr.shape != size:
+            raise DataError(
+                f"image {name} is {arr.shape[1]}x{arr.shape[0]}, expected "
+                f"{size[1]}x{size[0]} (the size of {names[0]})",
+                hint="resize all images of a folder dataset to one size",
+            )
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def labelled(items: Iterable[tuple[str, int, bytes]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode (name, label, bytes) items into (x uint8 NCHW, y int64)."""
+    items = list(items)
+    names = [n for n, _, _ in items]
+    x = stack_images([decode_image(data, n) for n, _, data in items], names)
+    y = torch.tensor([label for _, label, _ in items], dtype=torch.int64)
+    return x, y
+
+
+def digest(obj: object) -> str:
+    """A short stable hash of a JSON-serialisable object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
+
+
+# --- the embedded sample -----------------------------------------------------------------------
+
+
+def sample_plan(root: Path | None, download: bool) -> Plan:
+    """The class-balanced CIFAR-10 sample shipped inside the package (root is ignored)."""
+    if not SAMPLE_TAR.is_file():
+        raise DataError(
+            f"the embedded sample {SAMPLE_TAR} is missing",
+            hint="reinstall fx-surgeon or run benchmarks/make_sample.py cifar10-jpg.tar.gz",
+        )
+    stat = SAMPLE_TAR.stat()
+    fingerprint = digest(["sample", stat.st_size, stat.st_mtime_ns])
+    return Plan("sample", "sample", fingerprint, decode_sample)
+
+
+def decode_sample() -> Decoded:
+    """Read `train/<class>/*.jpg` and `test/<class>/*.jpg` straight from the sample tar."""
+    files: dict[tuple[str, str, str], bytes] = {}
+    with tarfile.open(SAMPLE_TAR, "r:gz") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) == 3 and parts[0] in SPLITS:
+                fileobj = tar.extractfile(member)
+                assert fileobj is not None
+                files[(parts[0], parts[1], parts[2])] = fileobj.read()
+    classes = sorted({c for _, c, _ in files})
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for split in SPLITS:
+        keys = sorted(k for k in files if k[0] == split)
+        out += labelled(("/".join(k), index[k[1]], files[k]) for k in keys)
+    return Decoded(*out, classes=classes)
+
+
+# --- torchvision CIFAR ---------------------------------------------------------------------------
+
+
+def torchvision_plan(name: str) -> Callable[[Path | None, bool], Plan]:
+    """A resolver for torchvision's CIFAR10 / CIFAR100 kept under `root` (default ./data)."""
+
+    def plan(root: Path | None, download: bool) -> Plan:
+        from torchvision import datasets
+
+        cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+        root = Path(root if root is not None else "data").expanduser().resolve()
+        folder = root / cls.base_folder
+        files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        if not all((folder / f).is_file() for f in files):
+            if not download:
+                raise DataError(
+                    f"{name} not found in {root} (expected {folder})",
+                    hint="pass --download to fetch it, --data-root DIR to point at an existing "
+                    "copy, or an ImageFolder path as the source (or use --data sample)",
+                )
+            try:
+                cls(str(root), train=False, download=True)
+            except Exception as e:
+                raise DataError(
+                    f"could not download {name} into {root}: {e}",
+                    hint="check the network, or copy the dataset there and use --data-root DIR",
+                ) from e
+        sizes = [(f, (folder / f).stat().st_size) for f in files]
+        fingerprint = digest([name, sizes])
+        key = f"{name}-{digest(str(root))[:12]}"
+        return Plan(name, key, fingerprint, lambda: decode_torchvision(cls, name, root))
+
+    return plan
+
+
+def decode_torchvision(cls: type, name: str, root: Path) -> Decoded:
+    """Use the dataset's own `.data` (N, H, W, 3) and `.targets`, no per-image loop."""
+    out = []
+    for train in (True, False):
+        try:
+            ds = cls(str(root), train=train, download=False)
+        except Exception as e:
+            raise DataError(
+                f"{name} files in {root} are corrupted or unreadable: {e}",
+                hint=f"delete {root / cls.base_folder} and run again with --download",
+            ) from e
+        x = torch.from_numpy(np.asarray(ds.data, dtype=np.uint8)).permute(0, 3, 1, 2)
+        out += [x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64)]
+    return Decoded(*out, classes=list(ds.classes))
+
+
+# --- ImageFolder folders -------------------------------------------------------------------------
+
+
+def folder_files(root: Path) -> tuple[list[str], dict[str, list[Path]]]:
+    """Validate `root/{train,test}/<class>/*` and return (classes, {split: sorted image paths})."""
+    hint = "a folder dataset needs ROOT/train/<class>/*.png and ROOT/test/<class>/*.png"
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist", hint=hint)
+    per_split: dict[str, dict[str, list[Path]]] = {}
+    for split in SPLITS:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DataError(f"data folder {root} has no {split}/ folder", hint=hint)
+        classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+        if not classes:
+            raise DataError(f"{split_dir} has no class folders", hint=hint)
+        per_split[split] = {}
+        for cls in classes:
+            paths = sorted(
+                p
+                for p in (split_dir / cls).iterdir()
+                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMG_EXTENSIONS
+            )
+            if not paths:
+                raise DataError(
+                    f"class folder {split_dir / cls} has no images",
+                    hint=f"add images ({', '.join(IMG_EXTENSIONS)}) or remove the folder",
+                )
+            per_split[split][cls] = paths
+    train, test = (sorted(per_split[s]) for s in SPLITS)
+    if train != test:
+        only = sorted(set(train) ^ set(test))
+        raise DataError(
+            f"train/ and test/ of {root} have different classes (only in one: {only})",
+            hint="give both splits the same class folders",
+        )
+    files = {s: [p for c in train for p in per_split[s][c]] for s in SPLITS}
+    return train, files
+
+
+def folder_plan(path: Path) -> Plan:
+    """An ImageFolder-layout dataset at `path`, fingerprinted by names, sizes and mtimes."""
+    root = path.expanduser().resolve()
+    classes, files = folder_files(root)
+    stats = []
+    for paths in files.values():
+        for p in paths:
+            st = p.stat()
+            stats.append((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    fingerprint = digest(["folder", sorted(stats)])
+    key = f"folder-{digest(str(root))[:12]}"
+    return Plan(f"folder:{root}", key, fingerprint, lambda: decode_folder(root, classes, files))
+
+
+def decode_folder(root: Path, classes: list[str], files: dict[str, list[Path]]) -> Decoded:
+    """Decode every image of both splits; labels follow the sorted class list."""
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for split in SPLITS:
+        items = ((str(p), index[p.parent.name], p.read_bytes()) for p in files[split])
+        out += labelled(items)
+    if out[0].shape[1:] != out[2].shape[1:]:
+        raise DataError(
+            f"test image {files['test'][0]} is {out[2].shape[3]}x{out[2].shape[2]}, "
+            f"train images are {out[0].shape[3]}x{out[0].shape[2]}",
+            hint="resize all images of a folder dataset to one size",
+        )
+    return Decoded(*out, classes=classes)
+
+
+# name -> resolver(root, download) -> Plan; any other source string is an ImageFolder path.
+DATA_SOURCES: dict[str, Callable[[Path | None, bool], Plan]] = {
+    "sample": sample_plan,  # 5000/1000 CIFAR-10 JPEGs shipped with the package, offline
+    "cifar10": torchvision_plan("cifar10"),  # torchvision.datasets.CIFAR10 under --data-root
+    "cifar100": torchvision_plan("cifar100"),  # torchvision.datasets.CIFAR100 under --data-root
+}
+
+
+def resolve(source: str, root: Path | None, download: bool) -> Plan:
+    """Turn a source string into a Plan: a registered name, else an existing folder."""
+    if source in DATA_SOURCES:
+        return DATA_SOURCES[source](root, download)
+    path = Path(source).expanduser()
+    if path.exists() or os.sep in source or source.startswith((".", "~")):
+        return folder_plan(path)
+    raise DataError(
+        f"unknown data source {source!r}",
+        hint=f"use one of {', '.join(DATA_SOURCES)} or a path to an ImageFolder-layout folder",
+    )
+
+
+# --- cache ---------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """`$SURGEON_CACHE`, else `~/.cache/fx-surgeon`."""
+    return Path(os.environ.get("SURGEON_CACHE") or "~/.cache/fx-surgeon").expanduser()
+
+
+def read_cache(path: Path, fingerprint: str) -> Decoded | None:
+    """Return the cached tensors if `path` holds this fingerprint, else None."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("surgeon", "{}"))
+        if meta.get("fingerprint") != fingerprint or meta.get("version") != CACHE_VERSION:
+            return None
+        t = load_file(str(path))
+        stats = tuple(meta["mean"]), tuple(meta["std"])
+        return Decoded(
+            t["train_x"], t["train_y"], t["test_x"], t["test_y"], meta["classes"], *stats
+        )
+    except Exception:  # a truncated, foreign or older file is just a miss
+        return None
+
+
+def write_cache(path: Path, fingerprint: str, data: Decoded) -> None:
+    """Atomically write `data` to `path` (temp file in the same folder, fsync, os.replace)."""
+    tensors = {k: getattr(data, k).contiguous() for k in ("train_x", "train_y", "test_x", "test_y")}
+    meta = {
+        "fingerprint": fingerprint,
+        "version": CACHE_VERSION,
+        "classes": data.classes,
+        "mean": data.mean,
+        "std": data.std,
+    }
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        save_file(tensors, tmp, metadata={"surgeon": json.dumps(meta)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:  # the cache is an optimisation: never fail a load over it
+        warnings.warn(f"could not write data cache {path}: {e}", stacklevel=3)
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --- limits and statistics -----------------------------------------------------------------------
+
+
+def balanced_subset(y: torch.Tensor, limit: int | None) -> torch.Tensor | None:
+    """Indices of a deterministic class-balanced subset of `limit` samples (None: keep all).
+
+    Classes are visited round-robin, each contributing its samples in dataset order, so every
+    class gets `limit // C` or one more (as far as it has samples); indices come back sorted.
+    """
+    if limit is None or limit >= len(y):
+        return None
+    if limit < 1:
+        raise DataError(f"limit must be a positive number of images, got {limit}", hint="use >= 1")
+    order = torch.sort(y, stable=True).indices
+    counts = torch.bincount(y)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(y)) - starts[y[order]]  # position of each sample within its class
+    key = rank * (int(y.max()) + 1) + y[order]
+    picked = order[torch.sort(key, stable=True).indices[:limit]]
+    return torch.sort(picked).values
+
+
+def channel_stats(
+    x: torch.Tensor, chunk_pixels: int = 1 << 24
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 NCHW images, in [0, 1] units.
+
+    Counts each channel's 256 values exactly (bincount over chunks of images), then takes the
+    moments in float64: exact, fast, and memory-bounded for large datasets.
+    """
+    n, c = x.shape[0], x.shape[1]
+    if n == 0 or x.numel() == 0:
+        raise DataError("the train split is empty", hint="check the data source and limit_train")
+    counts = torch.zeros(c, 256, dtype=torch.int64)
+    step = max(1, chunk_pixels // (x[0, 0].numel()))
+    for part in x.split(step):
+        for ch in range(c):
+            counts[ch] += torch.bincount(part[:, ch].reshape(-1), minlength=256)
+    values = torch.arange(256, dtype=torch.float64) / 255
+    total = counts.sum(1).double()
+    mean = (counts.double() * values).sum(1) / total
+    var = ((counts.double() * (values - mean[:, None]) ** 2).sum(1) / total).clamp_min(0)
+    return tuple(mean.tolist()), tuple(var.sqrt().tolist())
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+
+def load_data(
+    source: str = "sample",
+    root: str | Path | None = None,
+    download: bool = False,
+    cache_dir: str | Path | None = None,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+) -> ImageData:
+    """Load a dataset by name ("sample", "cifar10", "cifar100") or ImageFolder path.
+
+    `root` is where torchvision datasets live (default ./data); the decoded tensors are cached in
+    `cache_dir` (default `$SURGEON_CACHE` or ~/.cache/fx-surgeon). `limit_train`/`limit_test`
+    keep a deterministic class-balanced subset. mean/std come from the (kept) train split.
+    """
+    plan = resolve(source, Path(root) if root is not None else None, download)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path = cache / f"{plan.cache_key}.safetensors"
+    data = read_cache(path, plan.fingerprint)
+    if data is None:
+        data = plan.decode()
+        data.mean, data.std = channel_stats(data.train_x)
+        write_cache(path, plan.fingerprint, data)
+    train_x, train_y, test_x, test_y = data.train_x, data.train_y, data.test_x, data.test_y
+    if (keep := balanced_subset(train_y, limit_train)) is not None:
+        train_x, train_y = train_x[keep], train_y[keep]
+    if (keep := balanced_subset(test_y, limit_test)) is not None:
+        test_x, test_y = test_x[keep], test_y[keep]
+    mean, std = channel_stats(train_x) if limit_train is not None else (data.mean, data.std)
+    return ImageData(train_x, train_y, test_x, test_y, list(data.classes), mean, std, plan.name)

@@ -1,0 +1,153 @@
+"""Saving and loading surgered models: ``surgery.json`` + ``model.safetensors``, no pickle.
+
+A folder records how to rebuild the model (its spec and arguments), the passes applied to
+it, the sites and the library versions; :func:`load` rebuilds the model from its spec,
+replays the passes and loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import fx, nn
+
+from .errors import SurgeonError
+from .models.sources import build_model
+
+FORMAT_VERSION = 1
+RECORD_FILE = "surgery.json"
+WEIGHTS_FILE = "model.safetensors"
+CODE_FILE = "model_fx.py"
+
+
+def versions() -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    for name in ("torchvision", "timm"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    from . import __version__
+
+    out["fx-surgeon"] = __version__
+    return out
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON via a temp file in the same folder, fsync, then ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def record_of(model: nn.Module) -> dict[str, Any]:
+    rec = getattr(model, "surgeon_record", None)
+    if rec is None or rec.get("source") is None:
+        raise SurgeonError(
+            "cannot save: the model does not say how it was built",
+            hint="build it with surgeon.build_model(spec) before surgery, or set model.surgeon_source",
+        )
+    return rec
+
+
+def save(model: nn.Module, folder: str | Path) -> Path:
+    """Write ``surgery.json``, ``model.safetensors`` and ``model_fx.py`` into ``folder``.
+
+    The folder is written next to its final place and moved there at the end, so a failure
+    leaves nothing half-written. An existing folder is replaced only if it holds a saved
+    model (``surgery.json``).
+    """
+    folder = Path(folder)
+    rec = record_of(model)
+    if folder.exists() and any(folder.iterdir()) and not (folder / RECORD_FILE).exists():
+        raise SurgeonError(
+            f"refusing to write into {folder}: it exists and is not a saved model",
+            hint="choose an empty or new folder with -o",
+        )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        meta = {
+            "format": "fx-surgeon",
+            "format_version": FORMAT_VERSION,
+            "versions": versions(),
+            **rec,
+        }
+        meta["training"] = model.training
+        write_json_atomic(tmp / RECORD_FILE, meta)
+        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if isinstance(model, fx.GraphModule):
+            (tmp / CODE_FILE).write_text(model.code)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_record(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / RECORD_FILE
+    if not path.is_file():
+        raise SurgeonError(
+            f"{folder} is not a saved surgered model (no {RECORD_FILE})",
+            hint="point at a folder written by `surgeon insert -o` or surgeon.save()",
+        )
+    try:
+        rec = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SurgeonError(f"{path} is not valid JSON: {exc}", hint="re-save the model") from exc
+    if rec.get("format") != "fx-surgeon":
+        raise SurgeonError(f"{path} was not written by fx-surgeon", hint="re-save the model")
+    return rec
+
+
+def rebuild(rec: dict[str, Any]) -> nn.Module:
+    """Build the model from its spec and replay the recorded passes (weights at init)."""
+    from .passes import insert, insert_batchnorm
+
+    src = rec["source"]
+    model: nn.Module = build_model(src["spec"], src.get("args") or {})
+    for p in rec.get("passes", []):
+        opts = {k: p[k] for k in ("include", "exclude", "input_size", "leaf") if k in p}
+        if p["name"] == "batchnorm":
+            model = insert_batchnorm(model, **opts)
+        elif p["name"] == "shift_scale":
+            model = insert(model, p["shift"], p["scale"], **opts)
+        else:
+            raise SurgeonError(
+                f"unknown pass {p['name']!r} in the record", hint="upgrade fx-surgeon"
+            )
+    return model
+
+
+def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a saved surgered model and load its weights strictly."""
+    folder = Path(folder)
+    rec = read_record(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise SurgeonError(f"{folder} has no {WEIGHTS_FILE}", hint="re-save the model")
+    model = rebuild(rec)
+    missing, unexpected = load_model(model, str(weights), strict=True, device=str(device))
+    model.to(device)
+    model.train(bool(rec.get("training", False)))
+    return model

@@ -1,0 +1,185 @@
+"""The shift and scale layers of the thesis: ``y = (x + shift) * scale``.
+
+Each parameter is per ``element`` (one value per element of a sample), per ``channel``
+or per ``layer`` (one scalar); ``none`` leaves it out. At init shift is 0 and scale is 1,
+so the layer is an exact identity. Parameters stay fp32 and are cast to the input's
+dtype in forward, so a bf16 activation stays bf16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .errors import SurgeryError
+
+Mode = Literal["none", "element", "channel", "layer"]
+MODES: tuple[str, ...] = ("none", "element", "channel", "layer")
+
+
+def check_mode(mode: str, what: str = "mode") -> str:
+    """Return ``mode`` if it is a valid mode, else raise a one-line error."""
+    if mode not in MODES:
+        raise SurgeryError(f"invalid {what} {mode!r}", hint=f"choose one of {', '.join(MODES)}")
+    return mode
+
+
+def param_shape(mode: str, feature_shape: Sequence[int], channel_dim: int) -> tuple[int, ...]:
+    """Shape of a shift/scale parameter.
+
+    ``feature_shape`` is the shape of one sample (the tensor shape without the batch dim);
+    ``channel_dim`` indexes the full tensor (batch dim included), so dim 1 is NCHW's C.
+    """
+    check_mode(mode)
+    if mode == "none":
+        return ()
+    if mode == "layer":
+        return ()
+    if mode == "element":
+        return tuple(int(s) for s in feature_shape)
+    if not 1 <= channel_dim <= len(feature_shape):
+        raise SurgeryError(
+            f"channel dim {channel_dim} is out of range for a sample of shape {tuple(feature_shape)}",
+            hint="the channel mode needs a tensor with a batch dim and at least one feature dim",
+        )
+    return (int(feature_shape[channel_dim - 1]),)
+
+
+class ShiftScale(nn.Module):
+    """``y = (x + shift) * scale`` with independent modes for shift and scale.
+
+    Args:
+        shift: mode of the additive parameter (``none``/``element``/``channel``/``layer``).
+        scale: mode of the multiplicative parameter.
+        feature_shape: shape of one sample, e.g. ``(C, H, W)``; needed by ``element`` and
+            ``channel`` modes.
+        channel_dim: dim of the full tensor (batch included) that holds the channels:
+            1 for NCHW, ``ndim - 1`` for (N, C), (N, L, C) and channels-last (N, H, W, C).
+    """
+
+    def __init__(
+        self,
+        shift: str = "layer",
+        scale: str = "layer",
+        feature_shape: Sequence[int] = (),
+        channel_dim: int = 1,
+    ) -> None:
+        super().__init__()
+        self.shift_mode = check_mode(shift, "shift mode")
+        self.scale_mode = check_mode(scale, "scale mode")
+        self.feature_shape = tuple(int(s) for s in feature_shape)
+        self.channel_dim = int(channel_dim)
+        ndim = len(self.feature_shape) + 1
+        self._view = [1] * ndim
+        if "channel" in (shift, scale):
+            self._view[self.channel_dim] = -1
+        if shift != "none":
+            self.shift = nn.Parameter(
+                torch.zeros(param_shape(shift, self.feature_shape, channel_dim))
+            )
+        else:
+            self.register_parameter("shift", None)
+        if scale != "none":
+            self.scale = nn.Parameter(
+                torch.ones(param_shape(scale, self.feature_shape, channel_dim))
+            )
+        else:
+            self.register_parameter("scale", None)
+
+    def _broadcast(self, p: torch.Tensor, mode: str, x: torch.Tensor) -> torch.Tensor:
+        p = p.to(x.dtype)
+        return p.view(self._view) if mode == "channel" else p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shift is not None:
+            x = x + self._broadcast(self.shift, self.shift_mode, x)
+        if self.scale is not None:
+            x = x * self._broadcast(self.scale, self.scale_mode, x)
+        return x
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Back to the identity: shift 0, scale 1."""
+        if self.shift is not None:
+            self.shift.zero_()
+        if self.scale is not None:
+            self.scale.fill_(1.0)
+
+    def effective_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, b)`` with ``y = a * x + b``, each shaped to broadcast against a sample.
+
+        Shapes are those of the parameters (``()`` for layer mode, ``(C,)`` for channel
+        mode, the sample shape for element mode); missing parts are 1 and 0.
+        """
+        with torch.no_grad():
+            one = torch.ones(())
+            shift = self.shift.detach().float() if self.shift is not None else one * 0
+            scale = self.scale.detach().float() if self.scale is not None else one
+            if self.shift_mode == "element" or self.scale_mode == "element":
+                shift = self._to_sample(shift, self.shift_mode)
+                scale = self._to_sample(scale, self.scale_mode)
+            return scale.clone(), (shift * scale).clone()
+
+    def _to_sample(self, p: torch.Tensor, mode: str) -> torch.Tensor:
+        if mode == "channel":
+            view = [1] * len(self.feature_shape)
+            view[self.channel_dim - 1] = -1
+            return p.view(view).expand(self.feature_shape)
+        return p.expand(self.feature_shape)
+
+    def extra_repr(self) -> str:
+        parts = []
+        for name, mode in (("shift", self.shift_mode), ("scale", self.scale_mode)):
+            p = getattr(self, name)
+            shape = "" if p is None else f"{tuple(p.shape)}"
+            parts.append(f"{name}={mode}{shape}")
+        return ", ".join(parts) + f", channel_dim={self.channel_dim}"
+
+
+class Shift(ShiftScale):
+    """``y = x + shift``, per element, channel or layer."""
+
+    def __init__(
+        self, mode: str = "layer", feature_shape: Sequence[int] = (), channel_dim: int = 1
+    ) -> None:
+        super().__init__(
+            shift=mode, scale="none", feature_shape=feature_shape, channel_dim=channel_dim
+        )
+
+
+class Scale(ShiftScale):
+    """``y = x * scale``, per element, channel or layer."""
+
+    def __init__(
+        self, mode: str = "layer", feature_shape: Sequence[int] = (), channel_dim: int = 1
+    ) -> None:
+        super().__init__(
+            shift="none", scale=mode, feature_shape=feature_shape, channel_dim=channel_dim
+        )
+
+
+class ChannelBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the channel dim ``channel_dim`` of an ``ndim``-D tensor.
+
+    Channel dim 1 of a 2-D..5-D tensor is plain BatchNorm; any other channel dim (tokens
+    (N, L, C), channels-last (N, H, W, C)) is moved to dim 1 and back.
+    """
+
+    def __init__(self, num_features: int, ndim: int, channel_dim: int = 1, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.ndim, self.channel_dim = int(ndim), int(channel_dim)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() != self.ndim:
+            raise ValueError(f"expected {self.ndim}D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channel_dim == 1:
+            return super().forward(x)
+        return super().forward(x.movedim(self.channel_dim, 1)).movedim(1, self.channel_dim)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", ndim={self.ndim}, channel_dim={self.channel_dim}"

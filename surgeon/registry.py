@@ -1,0 +1,185 @@
+"""Registries of what the graph pass recognises: activation kinds and leaf modules.
+
+Activations come in three forms in an FX graph, and each has its own table:
+
+* modules (``call_module``): ``nn.ReLU``, timm's ``GELU``, ...; these are also made leaves
+  of the tracer so that a timm activation class shows up as one node, not its body;
+* functions (``call_function``): ``F.relu``, ``torch.sigmoid``, ...;
+* methods (``call_method``): ``x.relu()``, ``x.relu_()``, ...
+
+Each entry names a *kind*: ``activation`` for the usual ones, ``gate`` candidates for
+sigmoid-like ones (a gate only when its output multiplies features, decided by the pass),
+``softmax`` for the normalised-exponential family, and ``norm_act`` for fused norm +
+activation modules whose output is the activation's output. Users extend the tables with
+:func:`register_activation` and :func:`register_leaf_module`.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SurgeryError
+
+KINDS = ("input", "activation", "gate", "softmax", "norm_act")
+
+
+@dataclass(frozen=True)
+class ActivationEntry:
+    kind: str
+    gate_candidate: bool = False  # sigmoid-like: reported as "gate" when it multiplies features
+
+
+ACT_MODULES: dict[type, ActivationEntry] = {}
+ACT_FUNCTIONS: dict[Callable, ActivationEntry] = {}
+ACT_METHODS: dict[str, ActivationEntry] = {}
+# Modules whose output is an activation's output only when a condition on the instance holds
+# (e.g. timm's BatchNormAct2d with apply_act=True); the predicate gets the module.
+NORM_ACT_MODULES: dict[type, Callable[[nn.Module], bool]] = {}
+LEAF_MODULES: set[type] = set()
+# Functions and ops whose result has the same shape and layout as their first input.
+ELEMENTWISE_FUNCTIONS: set[Callable] = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd,
+    operator.imul, torch.add, torch.sub, torch.mul, torch.div, F.dropout, F.dropout2d,
+    F.alpha_dropout, torch.clamp, torch.where,
+}  # fmt: skip
+ELEMENTWISE_METHODS: set[str] = {
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "clamp", "clamp_", "contiguous",
+    "clone", "to", "float", "half", "bfloat16", "type_as", "neg", "abs",
+}  # fmt: skip
+
+
+def register_activation(
+    obj: type | Callable | str, kind: str = "activation", gate_candidate: bool = False
+) -> None:
+    """Register an activation: a module class, a function, or a Tensor method name."""
+    if kind not in KINDS or kind in ("input", "norm_act"):
+        raise SurgeryError(
+            f"invalid activation kind {kind!r}", hint="use activation, gate or softmax"
+        )
+    entry = ActivationEntry(kind, gate_candidate)
+    if isinstance(obj, str):
+        ACT_METHODS[obj] = entry
+    elif isinstance(obj, type) and issubclass(obj, nn.Module):
+        ACT_MODULES[obj] = entry
+        LEAF_MODULES.add(obj)
+    elif callable(obj):
+        ACT_FUNCTIONS[obj] = entry
+    else:
+        raise SurgeryError(
+            f"cannot register {obj!r} as an activation",
+            hint="pass a class, function or method name",
+        )
+
+
+def register_norm_act(cls: type, applies_act: Callable[[nn.Module], bool] | None = None) -> None:
+    """Register a fused norm+activation leaf module whose output is the activation output."""
+    NORM_ACT_MODULES[cls] = applies_act or _has_real_act
+    LEAF_MODULES.add(cls)
+
+
+def register_leaf_module(cls: type) -> type:
+    """Make the tracer treat ``cls`` as one opaque node (usable as a decorator)."""
+    LEAF_MODULES.add(cls)
+    return cls
+
+
+def _has_real_act(module: nn.Module) -> bool:
+    act = getattr(module, "act", None)
+    return act is not None and not isinstance(act, nn.Identity)
+
+
+def _register_torch() -> None:
+    for cls in (
+        nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
+        nn.SiLU, nn.Mish, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Softplus, nn.Softsign,
+        nn.Tanhshrink, nn.Threshold, nn.LogSigmoid, nn.GLU,
+    ):  # fmt: skip
+        register_activation(cls)
+    for cls in (nn.Sigmoid, nn.Hardsigmoid):
+        register_activation(cls, "activation", gate_candidate=True)
+    for cls in (nn.Softmax, nn.LogSoftmax, nn.Softmax2d, nn.Softmin):
+        register_activation(cls, "softmax")
+    for fn in (
+        F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.leaky_relu_, F.elu,
+        F.elu_, F.selu, F.selu_, torch.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
+        F.tanh, torch.tanh, F.hardtanh, F.hardtanh_, F.softplus, F.softsign, F.prelu,
+        torch.prelu, F.rrelu, F.logsigmoid, F.glu, F.tanhshrink, F.threshold,
+    ):  # fmt: skip
+        register_activation(fn)
+    for fn in (F.sigmoid, torch.sigmoid, F.hardsigmoid):
+        register_activation(fn, gate_candidate=True)
+    for fn in (F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, F.softmin):
+        register_activation(fn, "softmax")
+    for name in ("relu", "relu_", "tanh", "tanh_"):
+        register_activation(name)
+    for name in ("sigmoid", "sigmoid_"):
+        register_activation(name, gate_candidate=True)
+    for name in ("softmax", "log_softmax"):
+        register_activation(name, "softmax")
+
+
+def _register_timm() -> None:
+    try:
+        from timm.layers import activations, norm_act
+    except ImportError:  # timm is a dependency, but keep the core importable without it
+        return
+    modules = [activations]
+    try:
+        from timm.layers import activations_me
+
+        modules.append(activations_me)
+    except ImportError:
+        pass
+    for mod in modules:
+        for name in dir(mod):
+            obj = getattr(mod, name)
+            if (
+                not (isinstance(obj, type) and issubclass(obj, nn.Module))
+                or obj.__module__ != mod.__name__
+            ):
+                continue
+            gate = "sigmoid" in name.lower()
+            register_activation(obj, "activation", gate_candidate=gate)
+    for name in dir(norm_act):
+        obj = getattr(norm_act, name)
+        if isinstance(obj, type) and issubclass(obj, nn.Module) and "Act" in name:
+            register_norm_act(obj)
+
+
+def _register_mode_dependent_leaves() -> None:
+    """Modules that branch on ``self.training`` in Python: traced through, FX would bake the
+    trace-time mode into the graph; as leaves they keep deciding at run time."""
+    try:
+        from timm.layers import DropBlock2d, DropPath
+
+        LEAF_MODULES.update({DropPath, DropBlock2d})  # reason: drop_path(x, p, self.training)
+    except ImportError:
+        pass
+    try:
+        from torchvision.ops import StochasticDepth
+
+        LEAF_MODULES.add(StochasticDepth)  # reason: stochastic_depth(..., self.training)
+    except ImportError:
+        pass
+
+
+_register_torch()
+_register_timm()
+_register_mode_dependent_leaves()
+
+
+def lookup_module(module: nn.Module) -> tuple[str, bool] | None:
+    """``(kind, gate_candidate)`` if ``module`` is a registered activation, else None."""
+    for cls in type(module).__mro__:
+        if cls in ACT_MODULES:
+            e = ACT_MODULES[cls]
+            return e.kind, e.gate_candidate
+        if cls in NORM_ACT_MODULES:
+            return ("norm_act", False) if NORM_ACT_MODULES[cls](module) else None
+    return None
