@@ -10,6 +10,7 @@ from surgeon.errors import SurgeonError
 
 from .common import debug, report_error
 from .insert import insert_command
+from .train import train_command
 
 app = typer.Typer(
     name="surgeon",
@@ -19,6 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("insert")(insert_command)
+app.command("train")(train_command)
 
 
 @app.callback()

@@ -66,6 +66,31 @@ def record_of(model: nn.Module) -> dict[str, Any]:
     return rec
 
 
+def write_model_files(
+    model: nn.Module, folder: str | Path, extra: dict[str, Any] | None = None
+) -> None:
+    """Write ``surgery.json`` and ``model.safetensors`` into an existing folder, each atomically
+    (a run folder holds its final model this way)."""
+    folder = Path(folder)
+    meta = {
+        "format": "fx-surgeon",
+        "format_version": FORMAT_VERSION,
+        "versions": versions(),
+        **record_of(model),
+    }
+    meta["training"] = False
+    meta.update(extra or {})
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_model(model, tmp, metadata={"format": "pt"})
+        os.replace(tmp, folder / WEIGHTS_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    write_json_atomic(folder / RECORD_FILE, meta)
+
+
 def save(model: nn.Module, folder: str | Path) -> Path:
     """Write ``surgery.json``, ``model.safetensors`` and ``model_fx.py`` into ``folder``.
 

@@ -1,13 +1,22 @@
-"""Shape propagation on fake tensors: parameter shapes with no real forward pass."""
+"""Shape propagation without computing: parameter shapes with no real forward pass.
+
+The graph is run by an interpreter that records ``node.meta['tensor_meta']`` for every
+node, on meta tensors first (the parameters are swapped for meta copies for the duration,
+no data is copied), then on fake tensors (a few ops have no meta kernel), and only then,
+for models below ``REAL_FORWARD_MAX_PARAMS`` parameters, on real tensors. Every attempt runs
+in eval mode: shapes do not depend on the mode, and the model's buffers are never written.
+"""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import SurgeryError
 
@@ -20,38 +29,100 @@ def example_inputs_for(input_size: Sequence[int], batch: int = 2) -> tuple[torch
     return (torch.randn(batch, *input_size, generator=g),)
 
 
-def propagate(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
-    """Fill ``node.meta['tensor_meta']`` for every node, on fake tensors when possible."""
-    try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
+class _NodeError(Exception):
+    """A failure while running one node, named after the node."""
 
-        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ShapeProp(gm, fake_mode=fake_mode).propagate(*example_inputs)
-        return
-    except Exception as fake_exc:  # fake tensors don't cover every op; try a real forward
-        n_params = sum(p.numel() for p in gm.parameters())
-        if n_params > REAL_FORWARD_MAX_PARAMS:
-            raise SurgeryError(
-                f"shape propagation failed on fake tensors: {_first_line(fake_exc)}",
-                hint="check --input-size (C,H,W) matches what the model expects",
-            ) from fake_exc
-    params = [p for p in gm.parameters()] + [b for b in gm.buffers()]
-    devices = {t.device for t in params if t.device.type != "meta"}
-    device = devices.pop() if len(devices) == 1 else torch.device("cpu")
+    def __init__(self, node: fx.Node, exc: BaseException) -> None:
+        super().__init__(
+            f"at node {node.name!r} ({node.op} {_target_name(node)}): {_first_line(exc)}"
+        )
+        self.node = node
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Run the graph and record the tensor metadata of every node's result."""
+
+    def run_node(self, n: fx.Node):
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            raise _NodeError(n, exc) from exc
+        found = False
+
+        def meta(obj):
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        tm = map_aggregate(result, meta)
+        if found:
+            n.meta["tensor_meta"] = tm
+        n.meta["type"] = type(result)
+        return result
+
+
+@contextmanager
+def _eval_mode(gm: fx.GraphModule):
     was_training = gm.training
     gm.eval()
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*(t.to(device) for t in example_inputs))
-    except Exception as exc:
-        raise SurgeryError(
-            f"shape propagation failed: {_first_line(exc)}",
-            hint="check --input-size (C,H,W) matches what the model expects",
-        ) from exc
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         gm.train(was_training)
+
+
+def _on_meta(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    tensors = dict(gm.named_parameters(remove_duplicate=False))
+    tensors.update(gm.named_buffers(remove_duplicate=False))
+    meta = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
+    with _eval_mode(gm), _reparametrize_module(gm, meta):
+        _ShapeRecorder(gm).run(*(t.to("meta") for t in inputs))
+
+
+def _on_fake(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with _eval_mode(gm), fake_mode:
+        _ShapeRecorder(gm).run(*(fake_mode.from_tensor(t) for t in inputs))
+
+
+def _on_real(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
+    tensors = list(gm.parameters()) + list(gm.buffers())
+    devices = {t.device for t in tensors}
+    device = devices.pop() if len(devices) == 1 else torch.device("cpu")
+    with _eval_mode(gm):
+        _ShapeRecorder(gm).run(*(t.to(device) for t in inputs))
+
+
+def propagate(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+    """Fill ``node.meta['tensor_meta']`` for every node: meta, then fake, then real tensors."""
+    attempts: list[Callable] = [_on_meta, _on_fake]
+    if sum(p.numel() for p in gm.parameters()) <= REAL_FORWARD_MAX_PARAMS:
+        attempts.append(_on_real)
+    errors: list[BaseException] = []
+    for attempt in attempts:
+        try:
+            attempt(gm, example_inputs)
+            return
+        except Exception as exc:  # an op without a meta/fake kernel: try the next way
+            errors.append(exc)
+    exc = errors[-1]
+    raise SurgeryError(
+        f"shape propagation failed {_first_line(exc)}",
+        hint="check --input-size (C,H,W) matches what the model expects",
+    ) from exc
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", repr(t))
 
 
 def _first_line(exc: BaseException) -> str:

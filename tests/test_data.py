@@ -17,9 +17,8 @@ from PIL import Image
 from safetensors import safe_open
 from torchvision import datasets
 
-from surgeon.data import DATA_SOURCES, ImageData, Loader, load_data
+from surgeon.data import DATA_SOURCES, ImageData, Loader, load_data, sources
 from surgeon.data import loader as loader_mod
-from surgeon.data import sources
 from surgeon.errors import DataError
 
 CIFAR10_CLASSES = [
@@ -122,9 +121,30 @@ def test_limits_are_balanced_and_deterministic(sample, sample_cache):
         load_data("sample", cache_dir=sample_cache, limit_train=0)
 
 
-def test_default_cache_dir_from_env(tmp_path, sample):
-    load_data("sample", limit_train=10, limit_test=10)
-    assert (tmp_path / "default-cache" / "sample.safetensors").is_file()
+def test_default_cache_dir_from_env(tmp_path):
+    make_folder(tmp_path / "imgs", per_split={"train": 1, "test": 1})
+    load_data(str(tmp_path / "imgs"))
+    (cached,) = os.listdir(tmp_path / "default-cache")
+    assert cached.startswith("folder-") and cached.endswith(".safetensors")
+
+
+def test_cache_problems_are_not_fatal(tmp_path, monkeypatch):
+    make_folder(tmp_path / "imgs", per_split={"train": 1, "test": 1})
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.warns(UserWarning, match="could not write data cache"):
+        data = load_data(str(tmp_path / "imgs"), cache_dir=blocker)
+    assert data.train_x.shape == (2, 3, 6, 8)
+    # a truncated cache file is a miss, then rewritten
+    load_data(str(tmp_path / "imgs"), cache_dir=tmp_path / "cache")
+    (path,) = (tmp_path / "cache").iterdir()
+    path.write_bytes(path.read_bytes()[:100])
+    assert torch.equal(
+        load_data(str(tmp_path / "imgs"), cache_dir=tmp_path / "cache").train_x, data.train_x
+    )
+    with monkeypatch.context() as m:
+        forbid(m, "decode_image")
+        load_data(str(tmp_path / "imgs"), cache_dir=tmp_path / "cache")
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -276,9 +296,10 @@ def test_folder_source(tmp_path, monkeypatch):
     expected = torch.from_numpy(written["train/dog/1.png"]).permute(2, 0, 1)
     assert torch.equal(data.train_x[4], expected)
     # cache hit without decoding; a changed file changes the fingerprint and re-decodes
-    forbid(monkeypatch, "decode_image")
-    assert torch.equal(load_data(str(root), cache_dir=tmp_path / "cache").train_x, data.train_x)
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        forbid(m, "decode_image")
+        again = load_data(str(root), cache_dir=tmp_path / "cache")
+    assert torch.equal(again.train_x, data.train_x)
     write_png(root / "train" / "dog" / "1.png", np.zeros((6, 8, 3), dtype=np.uint8))
     changed = load_data(str(root), cache_dir=tmp_path / "cache")
     assert changed.train_x[4].sum() == 0
@@ -502,6 +523,8 @@ def test_loader_rejects_bad_arguments():
         Loader(x, y, 2, rank=2, world_size=2, **stats)
     with pytest.raises(DataError):
         Loader(x, y, 2, mean=(0,), std=(1,))
+    with pytest.raises(DataError):
+        Loader(x, y, 2, mean=(0,) * 3, std=(1, 0, 1))
 
 
 def test_loader_on_sample(sample):

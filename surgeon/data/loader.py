@@ -80,6 +80,8 @@ class Loader:
                 f"mean/std have {len(mean)}/{len(std)} entries for {x.shape[1]} channels",
                 hint="use ImageData.mean / ImageData.std",
             )
+        if min(std) <= 0:
+            raise DataError(f"std must be positive, got {tuple(std)}", hint="check the dataset")
         if pad < 0:
             raise DataError(f"pad must be >= 0, got {pad}", hint="use 4 for 32x32 images")
         self.device = torch.device(device)
@@ -119,7 +121,7 @@ class Loader:
         offsets = flips = None
         if self.augment:
             offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=g)
-            flips = torch.randint(0, 2, (n,), generator=g, dtype=torch.bool)
+            flips = torch.randint(0, 2, (n,), generator=g).bool()
         return indices, offsets, flips
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -177,7 +177,7 @@ def torchvision_plan(name: str) -> Callable[[Path | None, bool], Plan]:
                 raise DataError(
                     f"{name} not found in {root} (expected {folder})",
                     hint="pass --download to fetch it, --data-root DIR to point at an existing "
-                    "copy, or an ImageFolder path as the source (or use --data sample)",
+                    "copy, or use an ImageFolder path or 'sample' as the data source",
                 )
             try:
                 cls(str(root), train=False, download=True)
@@ -213,12 +213,25 @@ def decode_torchvision(cls: type, name: str, root: Path) -> Decoded:
 # --- ImageFolder folders -------------------------------------------------------------------------
 
 
-def folder_files(root: Path) -> tuple[list[str], dict[str, list[Path]]]:
-    """Validate `root/{train,test}/<class>/*` and return (classes, {split: sorted image paths})."""
+def image_entries(folder: Path) -> list[os.DirEntry]:
+    """The image files of one class folder, sorted by name (hidden and other files skipped)."""
+    with os.scandir(folder) as it:
+        entries = [
+            e
+            for e in it
+            if e.is_file()
+            and not e.name.startswith(".")
+            and os.path.splitext(e.name)[1].lower() in IMG_EXTENSIONS
+        ]
+    return sorted(entries, key=lambda e: e.name)
+
+
+def folder_files(root: Path) -> tuple[list[str], dict[str, list[tuple[str, os.DirEntry]]]]:
+    """Validate `root/{train,test}/<class>/*`; return (classes, {split: [(class, entry)]})."""
     hint = "a folder dataset needs ROOT/train/<class>/*.png and ROOT/test/<class>/*.png"
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist", hint=hint)
-    per_split: dict[str, dict[str, list[Path]]] = {}
+    per_split: dict[str, dict[str, list[os.DirEntry]]] = {}
     for split in SPLITS:
         split_dir = root / split
         if not split_dir.is_dir():
@@ -228,17 +241,13 @@ def folder_files(root: Path) -> tuple[list[str], dict[str, list[Path]]]:
             raise DataError(f"{split_dir} has no class folders", hint=hint)
         per_split[split] = {}
         for cls in classes:
-            paths = sorted(
-                p
-                for p in (split_dir / cls).iterdir()
-                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMG_EXTENSIONS
-            )
-            if not paths:
+            entries = image_entries(split_dir / cls)
+            if not entries:
                 raise DataError(
                     f"class folder {split_dir / cls} has no images",
                     hint=f"add images ({', '.join(IMG_EXTENSIONS)}) or remove the folder",
                 )
-            per_split[split][cls] = paths
+            per_split[split][cls] = entries
     train, test = (sorted(per_split[s]) for s in SPLITS)
     if train != test:
         only = sorted(set(train) ^ set(test))
@@ -246,34 +255,33 @@ def folder_files(root: Path) -> tuple[list[str], dict[str, list[Path]]]:
             f"train/ and test/ of {root} have different classes (only in one: {only})",
             hint="give both splits the same class folders",
         )
-    files = {s: [p for c in train for p in per_split[s][c]] for s in SPLITS}
-    return train, files
+    return train, {s: [(c, e) for c in train for e in per_split[s][c]] for s in SPLITS}
 
 
 def folder_plan(path: Path) -> Plan:
     """An ImageFolder-layout dataset at `path`, fingerprinted by names, sizes and mtimes."""
     root = path.expanduser().resolve()
-    classes, files = folder_files(root)
+    classes, entries = folder_files(root)
     stats = []
-    for paths in files.values():
-        for p in paths:
-            st = p.stat()
-            stats.append((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    for split, split_entries in entries.items():
+        for cls, e in split_entries:
+            st = e.stat()
+            stats.append((f"{split}/{cls}/{e.name}", st.st_size, st.st_mtime_ns))
     fingerprint = digest(["folder", sorted(stats)])
     key = f"folder-{digest(str(root))[:12]}"
-    return Plan(f"folder:{root}", key, fingerprint, lambda: decode_folder(root, classes, files))
+    files = {s: [(c, e.path) for c, e in split_entries] for s, split_entries in entries.items()}
+    return Plan(f"folder:{root}", key, fingerprint, lambda: decode_folder(classes, files))
 
 
-def decode_folder(root: Path, classes: list[str], files: dict[str, list[Path]]) -> Decoded:
-    """Decode every image of both splits; labels follow the sorted class list."""
+def decode_folder(classes: list[str], files: dict[str, list[tuple[str, str]]]) -> Decoded:
+    """Decode every (class, path) of both splits; labels follow the sorted class list."""
     index = {c: i for i, c in enumerate(classes)}
     out = []
     for split in SPLITS:
-        items = ((str(p), index[p.parent.name], p.read_bytes()) for p in files[split])
-        out += labelled(items)
+        out += labelled((path, index[c], Path(path).read_bytes()) for c, path in files[split])
     if out[0].shape[1:] != out[2].shape[1:]:
         raise DataError(
-            f"test image {files['test'][0]} is {out[2].shape[3]}x{out[2].shape[2]}, "
+            f"test image {files['test'][0][1]} is {out[2].shape[3]}x{out[2].shape[2]}, "
             f"train images are {out[0].shape[3]}x{out[0].shape[2]}",
             hint="resize all images of a folder dataset to one size",
         )
@@ -345,6 +353,7 @@ def write_cache(path: Path, fingerprint: str, data: Decoded) -> None:
         save_file(tensors, tmp, metadata={"surgeon": json.dumps(meta)})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except Exception as e:  # the cache is an optimisation: never fail a load over it
         warnings.warn(f"could not write data cache {path}: {e}", stacklevel=3)

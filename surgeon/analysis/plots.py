@@ -1,0 +1,197 @@
+"""PNG figures of the learned values: against depth, over epochs, and their histograms.
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no global backend
+switch), so plotting works headless and does not disturb an interactive session.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from .targets import PARAMS, Target
+
+IDENTITY = {"shift": 0.0, "scale": 1.0}
+MAX_HIST_SITES = 36
+MAX_BAND_SITES = 6  # more std bands in one panel are unreadable
+DPI = 110
+
+
+def figure(
+    nrows: int = 1,
+    ncols: int = 1,
+    size: tuple[float, float] = (7.0, 4.0),
+    layout: str | None = "constrained",
+):
+    """A figure on an Agg canvas and its axes (always a flat list). ``layout=None`` skips
+    the (slow) layout engine: the caller places the axes with ``subplots_adjust``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout=layout)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, [ax for row in axes for ax in row]
+
+
+def save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def slug(text: str) -> str:
+    """A file-name-safe version of ``text``."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", str(text)).strip("_") or "x"
+
+
+def colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _site_ticks(ax, names: list[str]) -> None:
+    ax.set_xticks(range(len(names)))
+    if len(names) <= 40:
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    else:
+        ax.set_xticklabels([n if i % max(1, len(names) // 20) == 0 else "" for i, n in enumerate(names)], rotation=60, ha="right", fontsize=6)  # fmt: skip
+
+
+def per_target(result: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """``[(label, [site stats...])]`` from an ``inspect`` result (one or several targets)."""
+    labels = [t["label"] for t in result["targets"]]
+    if len(labels) == 1:
+        return [(labels[0], result["sites"])]
+    return [
+        (label, [s["per_target"][i] for s in result["sites"]]) for i, label in enumerate(labels)
+    ]
+
+
+def plot_depth(result: dict[str, Any], path: Path) -> Path:
+    """Mean of each site's shift and scale against depth (min-max band), one line per target."""
+    names = [s["name"] for s in result["sites"]]
+    width = max(6.0, min(20.0, 0.35 * len(names) + 3))
+    fig, axes = figure(2, 1, (width, 6.5))
+    series = per_target(result)
+    palette = colors(len(series))
+    x = list(range(len(names)))
+    for ax, name in zip(axes, PARAMS):
+        drawn = False
+        for (label, sites), color in zip(series, palette):
+            if all(s[name] is None for s in sites):
+                continue
+            mean = [_f(s[name], "mean") for s in sites]
+            lo = [_f(s[name], "min") for s in sites]
+            hi = [_f(s[name], "max") for s in sites]
+            ax.plot(x, mean, "o-", color=color, label=label, markersize=4)
+            ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
+            drawn = True
+        ax.axhline(IDENTITY[name], color="grey", linestyle="--", linewidth=0.8)
+        ax.set_ylabel(name)
+        if not drawn:
+            ax.text(
+                0.5, 0.5, f"no {name} parameters", ha="center", va="center", transform=ax.transAxes
+            )
+        _site_ticks(ax, names)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("learned values by depth (line: mean, band: min to max)")
+    if len(series) > 1 or series[0][0]:
+        axes[0].legend(fontsize=8)
+    return save(fig, path)
+
+
+def _f(stats: dict[str, Any] | None, key: str) -> float:
+    if stats is None or stats.get(key) is None:
+        return math.nan
+    return float(stats[key])
+
+
+def plot_trajectory(traj: dict[str, Any], path: Path) -> Path:
+    """Each site's mean shift and scale over epochs, coloured by depth."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    sites, epochs = traj["sites"], traj["epochs"]
+    fig, axes = figure(2, 1, (7.5, 6.5))
+    cmap = colormaps["viridis"]
+    norm = Normalize(0, max(len(sites) - 1, 1))
+    band = len(sites) <= MAX_BAND_SITES
+    for ax, name in zip(axes, PARAMS):
+        for s in sites:
+            if s[name] is None:
+                continue
+            color = cmap(norm(s["depth"]))
+            mean = [math.nan if v is None else v for v in s[name]["mean"]]
+            ax.plot(epochs, mean, "-", color=color, marker="." if len(epochs) < 30 else None, label=s["name"])  # fmt: skip
+            std = [math.nan if v is None else v for v in s[name]["std"]]
+            if band and any(v > 0 for v in std):  # element/channel mode: mean ± std
+                lo = [m - d for m, d in zip(mean, std)]
+                hi = [m + d for m, d in zip(mean, std)]
+                ax.fill_between(epochs, lo, hi, color=color, alpha=0.1, linewidth=0)
+        ax.axhline(IDENTITY[name], color="grey", linestyle="--", linewidth=0.8)
+        ax.set_ylabel(f"{name} (mean)")
+        ax.grid(alpha=0.3)
+        if all(s[name] is None for s in sites):
+            ax.text(
+                0.5, 0.5, f"no {name} parameters", ha="center", va="center", transform=ax.transAxes
+            )
+    axes[1].set_xlabel("epoch (0 = init)")
+    axes[0].set_title(
+        f"{traj['target']}: shift/scale over training" + (" (band: mean ± std)" if band else "")
+    )
+    if len(sites) <= 12:
+        axes[0].legend(fontsize=7, ncol=2)
+    else:
+        fig.colorbar(ScalarMappable(norm, cmap), ax=axes, label="site depth")
+    return save(fig, path)
+
+
+def plot_histograms(target: Target, folder: Path) -> list[Path]:
+    """One figure per element/channel-mode parameter: a histogram per site."""
+    out = []
+    for name in PARAMS:
+        if target.modes[name] not in ("element", "channel"):
+            continue
+        sites = [s for s in target.sites if target.param(s, name) is not None]
+        if len(sites) > MAX_HIST_SITES:
+            step = (len(sites) - 1) / (MAX_HIST_SITES - 1)
+            sites = [sites[round(i * step)] for i in range(MAX_HIST_SITES)]
+        if not sites:
+            continue
+        ncols = min(6, len(sites))
+        nrows = math.ceil(len(sites) / ncols)
+        fig, axes = figure(nrows, ncols, (2.4 * ncols + 0.5, 2.0 * nrows + 0.8))
+        for ax, site in zip(axes, sites):
+            values = target.param(site, name).double().flatten()
+            values = values[values.isfinite()].numpy()
+            bins = max(5, min(50, int(math.sqrt(max(values.size, 1))) * 2))
+            ax.hist(values, bins=bins, color="tab:blue" if name == "scale" else "tab:orange")
+            ax.axvline(IDENTITY[name], color="grey", linestyle="--", linewidth=0.8)
+            ax.set_title(site["name"], fontsize=7)
+            ax.tick_params(labelsize=6)
+        for ax in axes[len(sites) :]:
+            ax.set_axis_off()
+        fig.suptitle(
+            f"{target.label}: {name} per {target.modes[name]} (dashed: identity)", fontsize=9
+        )
+        out.append(save(fig, Path(folder) / f"hist_{slug(target.label)}_{name}.png"))
+    return out
+
+
+def plot_inspect(result: dict[str, Any], targets: list[Target], folder: Path) -> list[Path]:
+    """All ``inspect-params --plot`` figures: depth, trajectories, histograms."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [plot_depth(result, folder / "depth.png")]
+    for traj in result.get("trajectories", []):
+        files.append(plot_trajectory(traj, folder / f"trajectory_{slug(traj['target'])}.png"))
+    for t in targets:
+        files += plot_histograms(t, folder)
+    return files

@@ -1,0 +1,117 @@
+"""Recipes: a TOML file with a ``[base]`` config and a ``[grid]`` of variants x LRs x seeds.
+
+```toml
+name = "quick"
+description = "..."
+[base]            # any TrainConfig field
+model = "allconv"
+epochs = 3
+[grid]            # every combination becomes one run
+variant = ["plain", "batchnorm", "shift-layer+scale-layer"]
+lr = [0.04]
+seed = [0]
+```
+A name (``quick``) is looked up among the recipes shipped in ``recipes/``; anything else
+is a path to a ``.toml`` file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import TrainError
+from .config import TrainConfig, parse_variant
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+GRID_KEYS = ("variant", "lr", "seed")
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str
+    base: dict[str, Any]
+    grid: dict[str, list[Any]]
+    path: str
+
+    def configs(self, overrides: dict[str, Any] | None = None) -> list[TrainConfig]:
+        """One resolved config per grid point; ``overrides`` (CLI flags) win over the recipe,
+        and a flag for a grid key (e.g. ``--lr``) replaces that axis of the grid."""
+        overrides = dict(overrides or {})
+        grid = {k: list(v) for k, v in self.grid.items()}
+        for key in GRID_KEYS:
+            if key in overrides and key != "variant":
+                grid[key] = [overrides.pop(key)]
+        if any(k in overrides for k in ("shift", "scale", "norm")):
+            grid.pop("variant", None)  # explicit variant flags replace the recipe's variants
+        axes = [(k, grid[k]) for k in GRID_KEYS if k in grid]
+        out = []
+        for values in itertools.product(*(v for _, v in axes)):
+            point = dict(zip((k for k, _ in axes), values, strict=True))
+            d = {**self.base}
+            if "variant" in point:
+                d.update(parse_variant(point.pop("variant")))
+            d.update(point)
+            d.update(overrides)
+            d["name"] = ""
+            out.append(TrainConfig.from_dict(d))
+        names = [c.name for c in out]
+        if len(set(names)) != len(names):
+            raise TrainError(
+                f"recipe {self.name} has duplicate runs", hint="check the grid for repeated values"
+            )
+        return out
+
+
+def available() -> dict[str, Path]:
+    """Shipped recipes by name."""
+    root = resources.files("surgeon_recipes")
+    return {p.name[:-5]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".toml")}
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    path = Path(name_or_path)
+    if not path.is_file():
+        shipped = available()
+        if name_or_path not in shipped:
+            raise TrainError(
+                f"unknown recipe {name_or_path!r}",
+                hint=f"use a .toml path or one of: {', '.join(sorted(shipped))}",
+            )
+        path = shipped[name_or_path]
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise TrainError(f"recipe {path} is not valid TOML: {exc}", hint="fix the file") from exc
+    unknown = set(raw) - {"name", "description", "base", "grid"}
+    if unknown:
+        raise TrainError(
+            f"recipe {path}: unknown section(s) {', '.join(sorted(unknown))}",
+            hint="use name, description, [base], [grid]",
+        )
+    grid = raw.get("grid", {})
+    bad = set(grid) - set(GRID_KEYS)
+    if bad:
+        raise TrainError(
+            f"recipe {path}: unknown grid key(s) {', '.join(sorted(bad))}",
+            hint=f"grid keys: {', '.join(GRID_KEYS)}",
+        )
+    grid = {k: v if isinstance(v, list) else [v] for k, v in grid.items()}
+    recipe = Recipe(
+        raw.get("name", path.stem),
+        raw.get("description", ""),
+        dict(raw.get("base", {})),
+        grid,
+        str(path),
+    )
+    recipe.configs()  # validate every run up front
+    return recipe

@@ -1,0 +1,99 @@
+"""Running a recipe's grid: one run after another (or K at a time on CPU), a final table.
+
+A run that fails or diverges is recorded and the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..data import ImageData, load_data
+from ..errors import SurgeonError
+from ..io import write_json_atomic
+from .config import TrainConfig
+from .engine import SUMMARY_FIELDS, train, write_summary
+from .progress import Reporter
+from .recipes import Recipe
+from .variants import build_base
+
+
+def run_configs(
+    configs: list[TrainConfig],
+    out: Path,
+    *,
+    recipe_name: str = "",
+    reporter_factory: Callable[[], Reporter] = Reporter,
+    on_done: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``configs`` into ``out/<run name>/``; write ``results.json``/``results.csv``."""
+    out.mkdir(parents=True, exist_ok=True)
+    datasets: dict[tuple, ImageData] = {}
+    bases: dict[tuple, Any] = {}
+    results = []
+    for cfg in configs:
+        run_dir = out / cfg.name
+        try:
+            dkey = (cfg.data, cfg.data_root, cfg.limit_train, cfg.limit_test)
+            if dkey not in datasets:
+                datasets[dkey] = load_data(
+                    cfg.data,
+                    cfg.data_root,
+                    cfg.download,
+                    limit_train=cfg.limit_train,
+                    limit_test=cfg.limit_test,
+                )
+            data = datasets[dkey]
+            size = tuple(data.train_x.shape[1:])
+            bkey = (cfg.model, repr(sorted(cfg.model_args.items())), cfg.dropout, cfg.seed)
+            if bkey not in bases:  # one base model per seed: every variant shares its init
+                bases[bkey] = build_base(cfg, data.num_classes, size)
+            summary = train(cfg, run_dir, data=data, base=bases[bkey], reporter=reporter_factory())
+        except SurgeonError as exc:
+            summary = _failed(cfg, str(exc), run_dir)
+        except Exception as exc:  # one broken run must not stop the others
+            summary = _failed(cfg, f"{type(exc).__name__}: {exc}", run_dir)
+            summary["traceback"] = traceback.format_exc()
+        results.append(summary)
+        if on_done:
+            on_done(summary)
+        write_results(out, recipe_name, results)
+    return results
+
+
+def _failed(cfg: TrainConfig, message: str, run_dir: Path) -> dict[str, Any]:
+    summary = {k: None for k in SUMMARY_FIELDS}
+    summary.update(
+        name=cfg.name,
+        variant=cfg.variant,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        status="failed",
+        message=message,
+        epochs_run=0,
+    )
+    if run_dir.is_dir():
+        write_summary(run_dir, summary)
+    return summary
+
+
+def write_results(out: Path, recipe_name: str, results: list[dict[str, Any]]) -> None:
+    write_json_atomic(out / "results.json", {"recipe": recipe_name, "runs": results})
+    tmp = out / ".results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in results:
+            w.writerow({k: r.get(k) for k in SUMMARY_FIELDS})
+    tmp.replace(out / "results.csv")
+
+
+def run_recipe(
+    recipe: Recipe, out: Path, overrides: dict[str, Any] | None = None, **kwargs: Any
+) -> list[dict[str, Any]]:
+    return run_configs(
+        recipe.configs(overrides), out / recipe.name, recipe_name=recipe.name, **kwargs
+    )

@@ -1,0 +1,238 @@
+"""surgeon.analysis.report and `surgeon report`: tables, figures, index pages, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+import typer
+from surgeon_cli.common import report_error
+from surgeon_cli.report import report_command
+
+from surgeon import analysis
+from surgeon.analysis.report import epochs_to_target, summary_row
+from surgeon.errors import AnalysisError, SurgeonError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SITES = ["x", "features_1", "features_3", "features_5"]
+STEPS_PER_EPOCH = 5
+
+
+def write_run(
+    folder: Path,
+    variant: str,
+    lr: float,
+    seed: int,
+    val_errs: list[float],
+    *,
+    diverge_at: int | None = None,
+    probe: bool = True,
+) -> Path:
+    """A run folder as `surgeon train` writes it (JSON only: report reads no weights)."""
+    name = f"{variant}_lr{lr:g}_s{seed}"
+    run = folder / name
+    run.mkdir(parents=True)
+    config = {"name": name, "variant": variant, "lr": lr, "seed": seed, "ema": 0.9, "epochs": len(val_errs)}  # fmt: skip
+    (run / "config.json").write_text(json.dumps(config))
+    rows, ema, step = [], None, 0
+    for e, err in enumerate(val_errs):
+        for i in range(STEPS_PER_EPOCH):
+            step += 1
+            if diverge_at is not None and step >= diverge_at:
+                break
+            loss = 2.3 * err + 0.1 * (STEPS_PER_EPOCH - i) / STEPS_PER_EPOCH  # saw-tooth
+            ema = loss if ema is None else 0.9 * ema + 0.1 * loss
+            rows.append({"type": "step", "step": step, "epoch": e, "loss": loss, "ema_loss": ema, "lr": lr})  # fmt: skip
+        if diverge_at is not None and step >= diverge_at:
+            break
+        rows.append({"type": "epoch", "epoch": e + 1, "step": step, "train_loss": 2 * err, "train_err": err - 0.05,
+                     "train_acc": 1.05 - err, "val_loss": 2 * err, "val_err": err, "val_acc": 1 - err,
+                     "time_s": 1.0, "images_per_s": 100.0})  # fmt: skip
+        if probe:
+            for d, site in enumerate(SITES):
+                rows.append({"type": "probe", "epoch": e + 1, "step": step, "site": site, "act_mean": 0.1 * d + seed,
+                             "act_std": 1.0 + 0.1 * d, "grad_norm_before": 0.01 * (d + 1) * (e + 1),
+                             "grad_norm_after": 0.02 * (d + 1)})  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = [r for r in rows if r["type"] == "epoch"]
+    errs = [r["val_err"] for r in done]
+    best = min(errs) if errs else None
+    summary = {
+        "name": name, "variant": variant, "lr": lr, "seed": seed,
+        "status": "diverged" if diverge_at else "ok",
+        "final_val_err": errs[-1] if errs else None, "best_val_err": best,
+        "best_epoch": errs.index(best) + 1 if errs else 0, "epochs_run": len(errs),
+        "diverged_at_step": diverge_at, "message": f"non-finite loss at step {diverge_at}" if diverge_at else None,
+    }  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    """A recipe folder: 3 variants x 2 LRs, two seeds of shift/scale, one diverged run."""
+    root = tmp_path_factory.mktemp("recipe") / "thesis"
+    for lr in (0.02, 0.04):
+        write_run(root, "plain", lr, 0, [0.6, 0.5, 0.45, 0.44])
+        write_run(root, "batchnorm", lr, 0, [0.5, 0.4, 0.35, 0.30])
+        write_run(root, "shift-layer+scale-layer", lr, 0, [0.55, 0.42, 0.36, 0.37])
+        write_run(root, "shift-layer+scale-layer", lr, 1, [0.57, 0.44, 0.38, 0.35])
+    write_run(root, "shift-channel+scale-channel", 0.04, 0, [0.5, 0.45, 0.4, 0.4], diverge_at=12)
+    (root / "results.json").write_text(json.dumps({"recipe": "thesis-mlp", "runs": []}))
+    return root
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert float(img[..., :3].std()) > 0, f"{path} is blank"
+
+
+def test_find_runs(recipe, tmp_path):
+    found = analysis.find_runs(recipe)
+    assert len(found) == 9 and {e for _, e in found} == {"thesis-mlp"}
+    assert analysis.find_runs(recipe / "plain_lr0.02_s0") == [(recipe / "plain_lr0.02_s0", "")]
+    parent = analysis.find_runs(recipe.parent)  # a folder of recipe folders
+    assert len(parent) == 9 and {e for _, e in parent} == {"thesis-mlp"}
+
+
+def test_read_metrics_skips_damaged_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        '{"type": "step", "step": 2, "loss": 1.0}\n{"type": "step", "step": 1, "loss": 2.0}\n{"type": "epo'
+    )
+    steps, epochs, probes, warnings = analysis.read_metrics(path)
+    assert [s["step"] for s in steps] == [1, 2] and not epochs and not probes
+    assert "1 damaged line" in warnings[0]
+
+
+def test_summary_rows_and_target(recipe):
+    run = analysis.load_run(recipe / "batchnorm_lr0.04_s0", "thesis-mlp")
+    assert epochs_to_target(run, 0.35) == 3
+    assert epochs_to_target(run, 0.2) is None
+    row = summary_row(run, 0.4)
+    assert row["best_val_err"] == 0.3 and row["best_epoch"] == 4 and row["final_val_err"] == 0.3
+    assert row["epochs_to_target"] == 2 and row["status"] == "ok"
+
+
+def test_summary_without_summary_json(recipe, tmp_path):
+    run = write_run(tmp_path, "plain", 0.04, 0, [0.6, 0.5, 0.55])
+    (run / "summary.json").unlink()
+    row = summary_row(analysis.load_run(run), None)
+    assert (
+        row["status"] == "incomplete"
+        and row["best_val_err"] == 0.5
+        and row["final_val_err"] == 0.55
+    )
+    assert row["best_epoch"] == 2
+
+
+def test_build_report(recipe, tmp_path):
+    out = tmp_path / "report"
+    rep = analysis.build_report([recipe], out)
+    # default target: the best error of any run (0.30) + 5 points
+    assert rep["target_err"] == pytest.approx(0.35)
+    assert len(rep["runs"]) == 9
+    assert rep["diverged"] == ["shift-channel+scale-channel_lr0.04_s0"]
+    bn = next(r for r in rep["runs"] if r["run"] == "batchnorm_lr0.04_s0")
+    assert bn["epochs_to_target"] == 3
+    ss = [
+        a for a in rep["variants"] if a["variant"] == "shift-layer+scale-layer" and a["lr"] == 0.04
+    ]
+    (agg,) = ss
+    assert agg["runs"] == 2 and agg["best_val_err_mean"] == pytest.approx(0.355)
+    assert agg["best_val_err_std"] == pytest.approx(math.sqrt(2 * 0.005**2))
+    assert agg["final_val_err_mean"] == pytest.approx(0.36)
+    # plain first, then batchnorm, within each LR
+    assert [r["variant"] for r in rep["runs"][:2]] == ["plain", "batchnorm"]
+    files = sorted(f["file"] for f in rep["figures"])
+    assert files == sorted(
+        f"{k}_thesis-mlp_lr{lr}.png"
+        for k in ("loss", "val_err", "probes")
+        for lr in ("0.02", "0.04")
+    )
+    for f in files:
+        assert_png(out / f)
+    md = (out / "index.md").read_text()
+    for f in files:
+        assert f"]({f})" in md
+    assert "35.00%" in md and "Diverged runs" in md and "non-finite loss at step 12" in md
+    assert "EMA" in md
+    page = (out / "index.html").read_text()
+    assert page.startswith("<!doctype html>") and all(f"src='{f}'" in page for f in files)
+    with open(out / "summary.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 9
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["target_err"] == pytest.approx(0.35) and len(saved["figures"]) == 6
+
+
+def test_target_err_option_and_plain_runs(tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path / "runs", "plain", 0.04, seed, [0.6, 0.5], probe=False)
+    rep = analysis.build_report([tmp_path / "runs" / "plain_lr0.04_s0", tmp_path / "runs" / "plain_lr0.04_s1"], tmp_path / "out", target_err=0.55)  # fmt: skip
+    assert rep["target_err"] == 0.55 and rep["target_err_source"] == "given"
+    assert [r["epochs_to_target"] for r in rep["runs"]] == [2, 2]
+    assert sorted(f["file"] for f in rep["figures"]) == ["loss_lr0.04.png", "val_err_lr0.04.png"]
+
+
+# ----------------------------------------------------------------- CLI
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Call the command like `surgeon` does: known errors -> one line on stderr, exit 2."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command("report")(report_command)
+
+    @app.callback()
+    def _root() -> None:
+        """test app"""
+
+    code = 0
+    try:
+        app(args=[str(a) for a in args], standalone_mode=False)
+    except SurgeonError as exc:
+        code = report_error(exc)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_report(recipe, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "report", recipe, "-o", tmp_path / "r", "--target-err", "0.4")
+    assert code == 0, err
+    assert "batchnorm_lr0.04_s0" in out and "diverged" in out and "index.md" in out
+    assert (tmp_path / "r" / "index.html").is_file()
+    code, out, err = run_cli(capsys, "report", recipe, "-o", tmp_path / "j", "--json")
+    assert code == 0, err
+    obj = json.loads(out)
+    assert len(obj["runs"]) == 9 and obj["index"].endswith("index.md")
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "bad_target"])
+def test_cli_report_errors(case, tmp_path, capsys, recipe):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    args = {
+        "missing": [tmp_path / "nope"],
+        "empty": [tmp_path / "empty"],
+        "bad_target": [recipe, "--target-err", "35"],
+    }[case]
+    code, out, err = run_cli(capsys, "report", *args, "-o", tmp_path / "out")
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "hint: " in lines[0]
+    expected = {
+        "missing": "does not exist",
+        "empty": "holds no runs",
+        "bad_target": "--target-err",
+    }[case]
+    assert expected in lines[0]
+
+
+def test_no_runs_is_an_analysis_error(tmp_path):
+    with pytest.raises(AnalysisError, match="holds no runs"):
+        analysis.build_report([tmp_path], tmp_path / "out")
