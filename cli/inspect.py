@@ -48,7 +48,7 @@ def inspect_params_command(
         print(json.dumps(analysis.jsonable(result), allow_nan=False))
         return
     for w in result.get("warnings", []):
-        err_console.print(f"[yellow]warning:[/] {w}")
+        err_console.print(f"[yellow]warning:[/] {escape(w)}")
     if len(loaded) == 1:
         _print_sites(result["targets"][0], result["sites"])
     else:

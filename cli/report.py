@@ -50,16 +50,19 @@ def report_command(
         print(json.dumps(analysis.jsonable(report), allow_nan=False))
         return
     for w in report["warnings"]:
-        err_console.print(f"[yellow]warning:[/] {w}")
+        err_console.print(f"[yellow]warning:[/] {escape(w)}")
+    experiments = sorted({r["experiment"] for r in report["runs"]})
     for title, (header, cells) in (
         ("runs", summary_table(report["runs"])),
         ("by variant and LR (mean ± std over seeds)", variant_table(report["variants"])),
     ):
-        table = Table(title=title, title_justify="left")
+        if len(experiments) == 1 and header[0] == "experiment":  # name it once, in the title
+            header, cells = header[1:], [row[1:] for row in cells]
+            title = f"{experiments[0]}: {title}"
+        table = Table(title=escape(title), title_justify="left")
         for h in header:
-            table.add_column(
-                h, justify="left" if h in ("run", "variant", "experiment", "status") else "right"
-            )
+            text = h in ("run", "variant", "experiment", "status")
+            table.add_column(h, justify="left" if text else "right", no_wrap=h == "run")
         for row in cells:
             style = "red" if "diverged" in row else None
             table.add_row(*(escape(c) for c in row), style=style)

@@ -153,6 +153,8 @@ def rebuild(rec: dict[str, Any]) -> nn.Module:
     model: nn.Module = build_model(src["spec"], src.get("args") or {})
     for p in rec.get("passes", []):
         opts = {k: p[k] for k in ("include", "exclude", "input_size", "leaf") if k in p}
+        # FX bakes `if self.training:` branches at trace time: trace in the recorded mode
+        model.train(p.get("traced_in", "train") == "train")
         if p["name"] == "batchnorm":
             model = insert_batchnorm(model, **opts)
         elif p["name"] == "shift_scale":

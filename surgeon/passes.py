@@ -23,7 +23,7 @@ from .errors import SurgeryError
 from .layers import ChannelBatchNorm, ShiftScale, check_mode
 from .models.sources import default_input_size
 from .sites import Site
-from .tracing import resolve_leaf_names, trace
+from .tracing import resolve_leaf_names, set_preserved, trace
 
 SS_PREFIX = "ss_"
 BN_PREFIX = "bn_"
@@ -77,7 +77,7 @@ def analyse(
     size = _parse_input_size(input_size, model)
     gm = trace(model, leaf_types)
     if getattr(model, "surgeon_source", None) is not None:
-        gm.surgeon_source = copy.deepcopy(model.surgeon_source)
+        set_preserved(gm, "surgeon_source", copy.deepcopy(model.surgeon_source))
     if example_inputs is None:
         example_inputs = shapes.example_inputs_for(size)
     shapes.propagate(gm, example_inputs)
@@ -139,7 +139,7 @@ def _warn_mode(gm: fx.GraphModule, record: dict[str, Any]) -> None:
 def _finish(gm: fx.GraphModule, record: dict[str, Any], training: bool) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
-    gm.surgeon_record = record
+    set_preserved(gm, "surgeon_record", record)
     gm.train(training)
     return gm
 
@@ -190,6 +190,7 @@ def insert(
             "exclude": exclude,
             "input_size": list(a.input_size),
             "leaf": a.leaf,
+            "traced_in": "train" if model.training else "eval",
         }
     )
     record["sites"] = [s.to_dict() for s in chosen]
@@ -238,6 +239,7 @@ def insert_batchnorm(
             "exclude": exclude,
             "input_size": list(a.input_size),
             "leaf": a.leaf,
+            "traced_in": "train" if model.training else "eval",
         }
     )
     record["batchnorm"] = added

@@ -42,6 +42,14 @@ ACT_METHODS: dict[str, ActivationEntry] = {}
 # (e.g. timm's BatchNormAct2d with apply_act=True); the predicate gets the module.
 NORM_ACT_MODULES: dict[type, Callable[[nn.Module], bool]] = {}
 LEAF_MODULES: set[type] = set()
+# timm's leaf modules that fx-surgeon traces into anyway, by qualified name, each with the
+# reason timm's own reason for the leaf does not apply here.
+TRACE_THROUGH: dict[str, str] = {
+    "timm.models.nfnet.NormFreeBlock": (
+        "timm: FX dead-code elimination drops `out.mul_(gain)`; fx-surgeon never eliminates "
+        "dead code, and the block holds all of NFNet's activations"
+    ),
+}
 # Functions and ops whose result has the same shape and layout as their first input.
 ELEMENTWISE_FUNCTIONS: set[Callable] = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd,

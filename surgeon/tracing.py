@@ -1,21 +1,60 @@
-"""Tracing any nn.Module with torch.fx, the way timm's feature extraction does."""
+"""Tracing any nn.Module with torch.fx, the way timm's feature extraction does.
+
+FX runs ``forward`` once, so Python code that branches on ``self.training`` is baked into
+the graph in the mode the model had when it was traced. :func:`trace` therefore traces a
+second time in the other mode and compares the graphs: ``F.dropout(x, p, training=...)``
+calls whose flag is the only difference become ``nn.Dropout`` modules (which read
+``self.training`` at run time); any other difference marks the graph mode-dependent
+(``gm.surgeon_mode_dependent``) so that the passes can warn.
+"""
 
 from __future__ import annotations
 
 import copy
+import inspect
 import os
+import re
 import traceback
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.node import map_arg
 
 from . import registry
 from .errors import TraceError
 
-_LIBRARY_DIRS = tuple(
-    os.path.dirname(os.path.dirname(m.__file__)) for m in (torch,) if getattr(m, "__file__", None)
-)
+try:  # attributes listed here survive copy.deepcopy of a GraphModule
+    from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+except ImportError:  # pragma: no cover - older torch
+    _USER_PRESERVED_ATTRIBUTES_KEY = "_user_preserved_attributes"
+
+
+def set_preserved(gm: fx.GraphModule, name: str, value: Any) -> None:
+    """``setattr(gm, name, value)`` in a way that survives ``copy.deepcopy(gm)``.
+
+    ``GraphModule.__deepcopy__`` rebuilds the module from its graph and drops unknown
+    attributes; those registered in ``gm.meta`` under torch's preserved-attributes key
+    are put back.
+    """
+    setattr(gm, name, value)
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value
+
+
+def _package_dirs() -> tuple[str, ...]:
+    import surgeon
+
+    dirs = [os.path.dirname(os.__file__)]  # the standard library
+    for mod in (torch, surgeon):
+        dirs.append(os.path.dirname(mod.__file__))
+    for name in ("timm", "torchvision"):
+        try:
+            dirs.append(os.path.dirname(__import__(name).__file__))
+        except ImportError:
+            pass
+    return tuple(os.path.join(d, "") for d in dirs)
 
 
 def _timm_fx() -> tuple[list[type], list]:
@@ -25,7 +64,12 @@ def _timm_fx() -> tuple[list[type], list]:
     except ImportError:
         return [], []
     fns = [f for f in _fx.get_notrace_functions() if callable(f)]
-    return list(_fx.get_notrace_modules()), fns
+    leaves = [
+        m
+        for m in _fx.get_notrace_modules()
+        if f"{m.__module__}.{m.__qualname__}" not in registry.TRACE_THROUGH
+    ]
+    return leaves, fns
 
 
 def _torchvision_ops() -> None:
@@ -70,53 +114,140 @@ def resolve_leaf_names(model: nn.Module, names: Sequence[str]) -> list[type]:
 
 
 def _user_frame(exc: BaseException) -> str | None:
-    """``file:line`` of the innermost traceback frame outside torch (the user's own code)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    for fr in reversed(frames):
+    """``file:line`` of the innermost traceback frame outside torch, timm, torchvision,
+    fx-surgeon and the standard library: the user's own code."""
+    skip = _package_dirs()
+    for fr in reversed(traceback.extract_tb(exc.__traceback__)):
         fn = fr.filename
-        if fn.startswith(_LIBRARY_DIRS) or "/surgeon/" in fn or fn.startswith("<"):
+        if fn.startswith("<") or os.path.abspath(fn).startswith(skip):
             continue
         return f"{fn}:{fr.lineno}"
     return None
 
 
+def _trace_graph(root: nn.Module, leaf_modules: Iterable[type]) -> fx.Graph:
+    return SurgeonTracer(leaf_modules).trace(root)
+
+
 def trace(
     model: nn.Module, leaf_modules: Iterable[type] = (), copy_model: bool = True
 ) -> fx.GraphModule:
-    """Symbolically trace ``model`` (a deep copy unless ``copy_model=False``)."""
+    """Symbolically trace ``model`` (a deep copy unless ``copy_model=False``) in its
+    current train/eval mode."""
+    leaf_modules = tuple(leaf_modules)
     if isinstance(model, fx.GraphModule):
         root = copy.deepcopy(model) if copy_model else model
-        return fx.GraphModule(
+        gm = fx.GraphModule(
             root, copy.deepcopy(root.graph) if copy_model else root.graph, type(root).__name__
         )
+        gm.train(model.training)
+        set_preserved(gm, "surgeon_mode_dependent", getattr(model, "surgeon_mode_dependent", False))
+        return gm
     root = copy.deepcopy(model) if copy_model else model
-    tracer = SurgeonTracer(leaf_modules)
     try:
-        graph = tracer.trace(root)
+        graph = _trace_graph(root, leaf_modules)
     except Exception as exc:  # the tracer raises many types; all mean "not traceable"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        where = _user_frame(exc)
-        loc = f" at {where}" if where else ""
-        raise TraceError(
-            f"cannot trace {type(model).__name__} with torch.fx{loc}: {reason}",
-            hint="mark the module that does data-dependent control flow as a leaf with --leaf ClassName",
-        ) from exc
-    name = type(model).__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
+        raise _trace_error(model, exc) from exc
+    other = _trace_in_other_mode(root, leaf_modules)
+    gm = fx.GraphModule(root, graph, type(model).__name__)
+    dependent = _make_dropout_follow_mode(gm, other, trained=root.training)
     gm.train(model.training)
-    gm.surgeon_mode_dependent = _mode_dependent(root, graph, leaf_modules)
+    set_preserved(gm, "surgeon_mode_dependent", dependent)
     return gm
 
 
-def _mode_dependent(root: nn.Module, graph: fx.Graph, leaf_modules: Iterable[type]) -> bool:
-    """True if tracing in the other train/eval mode gives another graph: Python code that
-    branches on ``self.training`` outside leaf modules, which FX bakes in at trace time."""
+def _trace_error(model: nn.Module, exc: BaseException) -> TraceError:
+    text = str(exc).strip()
+    reason = text.splitlines()[0] if text else type(exc).__name__
+    where = _user_frame(exc)
+    loc = f" at {where}" if where else ""
+    return TraceError(
+        f"cannot trace {type(model).__name__} with torch.fx{loc}: {reason}",
+        hint="mark the module that does data-dependent control flow as a leaf with --leaf ClassName",
+    )
+
+
+def _trace_in_other_mode(root: nn.Module, leaf_modules: Iterable[type]) -> fx.Graph | None:
     mode = root.training
     root.train(not mode)
     try:
-        other = SurgeonTracer(leaf_modules).trace(root)
+        return _trace_graph(root, leaf_modules)
     except Exception:
-        return True
+        return None
     finally:
         root.train(mode)
-    return other.python_code("self").src != graph.python_code("self").src
+
+
+# ---------------------------------------------------------------- mode dependence
+
+_DROPOUT_MODULES: dict[Any, type[nn.Module]] = {
+    F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,
+    F.dropout3d: nn.Dropout3d, F.alpha_dropout: nn.AlphaDropout,
+    F.feature_alpha_dropout: nn.FeatureAlphaDropout,
+}  # fmt: skip
+_CONSTANT = re.compile(r"_tensor_constant\d+")
+
+
+def _target_key(node: fx.Node) -> Any:
+    if node.op == "get_attr":
+        return _CONSTANT.sub("_tensor_constant", node.target)
+    return node.target
+
+
+def _args_key(node: fx.Node, pos: dict[fx.Node, int]) -> str:
+    key = map_arg((node.args, node.kwargs), lambda n: f"%{pos[n]}")
+    return repr(key)
+
+
+def _dropout_args(node: fx.Node) -> dict[str, Any] | None:
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _make_dropout_follow_mode(gm: fx.GraphModule, other: fx.Graph | None, trained: bool) -> bool:
+    """Turn ``F.dropout(..., training=<baked>)`` into ``nn.Dropout`` modules; return True if
+    the graphs of the two modes still differ (the graph is mode-dependent)."""
+    if other is None:
+        return True
+    mine, theirs = list(gm.graph.nodes), list(other.nodes)
+    if len(mine) != len(theirs):
+        return True
+    pos_a = {n: i for i, n in enumerate(mine)}
+    pos_b = {n: i for i, n in enumerate(theirs)}
+    to_modules: list[tuple[fx.Node, dict[str, Any]]] = []
+    for a, b in zip(mine, theirs, strict=True):
+        if a.op != b.op or _target_key(a) != _target_key(b):
+            return True
+        if _args_key(a, pos_a) == _args_key(b, pos_b):
+            continue
+        if a.op != "call_function" or a.target not in _DROPOUT_MODULES:
+            return True
+        args_a, args_b = _dropout_args(a), _dropout_args(b)
+        if args_a is None or args_b is None:
+            return True
+        rest_a = {k: v for k, v in args_a.items() if k != "training"}
+        rest_b = {k: v for k, v in args_b.items() if k != "training"}
+        same_rest = repr(map_arg(rest_a, lambda n: f"%{pos_a[n]}")) == repr(
+            map_arg(rest_b, lambda n: f"%{pos_b[n]}")
+        )
+        if not same_rest or args_a["training"] is not trained or args_b["training"] is trained:
+            return True  # not training=self.training
+        to_modules.append((a, args_a))
+    for node, args in to_modules:
+        name, i = f"{node.name}_mod", 1
+        while hasattr(gm, name):
+            name, i = f"{node.name}_mod_{i}", i + 1
+        cls = _DROPOUT_MODULES[node.target]
+        gm.add_submodule(name, cls(p=float(args["p"]), inplace=bool(args["inplace"])))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (args["input"],))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    if to_modules:
+        gm.graph.lint()
+        gm.recompile()
+    return False

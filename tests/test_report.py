@@ -14,7 +14,7 @@ from surgeon_cli.common import report_error
 from surgeon_cli.report import report_command
 
 from surgeon import analysis
-from surgeon.analysis.report import epochs_to_target, summary_row
+from surgeon.analysis.report import _site_order, epochs_to_target, summary_row
 from surgeon.errors import AnalysisError, SurgeonError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -133,6 +133,17 @@ def test_summary_without_summary_json(recipe, tmp_path):
     assert row["best_epoch"] == 2
 
 
+def test_probe_sites_ordered_by_depth(tmp_path):
+    run = write_run(tmp_path, "plain", 0.04, 0, [0.5])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    probes = [r for r in rows if r["type"] == "probe"]
+    for r in probes:
+        r["index"] = SITES.index(r["site"])
+    rest = [r for r in rows if r["type"] != "probe"]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rest + probes[::-1]))
+    assert _site_order([analysis.load_run(run)]) == SITES
+
+
 def test_build_report(recipe, tmp_path):
     out = tmp_path / "report"
     rep = analysis.build_report([recipe], out)
@@ -207,10 +218,12 @@ def test_cli_report(recipe, tmp_path, capsys):
     assert code == 0, err
     assert "batchnorm_lr0.04_s0" in out and "diverged" in out and "index.md" in out
     assert (tmp_path / "r" / "index.html").is_file()
-    code, out, err = run_cli(capsys, "report", recipe, "-o", tmp_path / "j", "--json")
+    code, out, err = run_cli(capsys, "report", recipe / "plain_lr0.02_s0", "-o", tmp_path / "j", "--json")  # fmt: skip
     assert code == 0, err
-    obj = json.loads(out)
-    assert len(obj["runs"]) == 9 and obj["index"].endswith("index.md")
+    obj = json.loads(out)  # exactly one JSON object
+    assert [r["run"] for r in obj["runs"]] == ["plain_lr0.02_s0"] and obj["index"].endswith(
+        "index.md"
+    )
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "bad_target"])

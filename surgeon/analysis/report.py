@@ -237,17 +237,22 @@ def plot_val_err(
 
 
 def _site_order(runs: list[Run]) -> list[str]:
-    order: list[str] = []
+    """Probed site names by depth: the probe rows' ``index`` when they carry one, else the
+    order of the run's ``surgery.json`` sites, else the order the rows were written."""
+    order: dict[str, tuple[float, int]] = {}
+    n = 0
     for r in runs:
-        names = r.sites or [p.get("site") for p in r.probes]
-        for n in names:
-            if n is not None and n not in order and any(p.get("site") == n for p in r.probes):
-                order.append(n)
-    for r in runs:  # probed sites the records do not list
+        listed = {name: i for i, name in enumerate(r.sites)}
         for p in r.probes:
-            if p.get("site") is not None and p["site"] not in order:
-                order.append(p["site"])
-    return order
+            name = p.get("site")
+            if name is None or name in order:
+                continue
+            index = p.get("index")
+            if not _finite(index):
+                index = listed.get(name, math.inf)
+            order[name] = (float(index), n)
+            n += 1
+    return sorted(order, key=order.__getitem__)
 
 
 def _probe_values(rs: list[Run], which: str, sites: list[str], metric: str) -> list[float]:

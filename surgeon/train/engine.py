@@ -31,6 +31,7 @@ from ..layers import ShiftScale
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .optim import build_optimizer, decay_to_identity, lr_factor, set_lr
+from .probe import Probe
 from .progress import Reporter
 from .variants import build_base, derive
 
@@ -150,6 +151,12 @@ class Trainer:
             )
         self.flush_every = 1 if self.device.type == "cpu" else 25
         self.state = RunState()
+        self.probe = Probe(self.model, self.input_size) if cfg.probe else None
+        if self.probe is not None:  # a fixed, unaugmented batch of training images
+            probe_loader = Loader(
+                self.data.train_x[:256], self.data.train_y[:256], 256, **loader_kw
+            )
+            self.probe_batch = next(iter(probe_loader))
 
     # ---------------------------------------------------------------- files
 
@@ -208,6 +215,12 @@ class Trainer:
         with open(self.out / "metrics.jsonl", "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
+
+    def _log_probe(self) -> None:
+        if self.probe is not None:
+            rows = self.probe.measure(*self.probe_batch)
+            st = self.state
+            self._log([{"type": "probe", "epoch": st.epoch, "step": st.step, **r} for r in rows])
 
     def _checkpoint(self) -> None:
         save_checkpoint(
@@ -343,6 +356,7 @@ class Trainer:
                     st.best_val_err, st.best_epoch = val_err, st.epoch
                 st.batch, st.loss_sum, st.correct, st.seen = 0, 0.0, 0, 0
                 self._log([row])
+                self._log_probe()
                 save_file(
                     snapshot_tensors(self.model),
                     str(self.out / "snapshots" / f"epoch_{st.epoch:04d}.safetensors"),

@@ -1,0 +1,131 @@
+"""Training-loop speed: `surgeon train`'s loop against a minimal hand-written loop, and the
+data path alone against the model, in one process, on the same model and data.
+
+    python benchmarks/train_speed.py                      # CPU: narrow All-CNN-C on the sample
+    python benchmarks/train_speed.py --device cuda --batch-size 512 --precision bf16 --width 1
+
+Targets (issue 3): the tool's loop reaches >= 95% of the hand-written loop's images/s, and the
+data path alone runs >= 10x the model's images/s. Results go to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from surgeon.data import Loader, load_data
+from surgeon.train import TrainConfig, Trainer, build_base, derive
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def hand_loop(model, loader: Loader, epochs: int, lr: float, device: torch.device, precision: str) -> float:
+    """The loop a careful researcher would write: images/s over ``epochs`` epochs."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    model.train()
+    n, t = 0, 0.0
+    for epoch in range(epochs + 1):  # epoch 0 warms up
+        loader.set_epoch(epoch)
+        sync(device)
+        t0 = time.perf_counter()
+        for x, y in loader:
+            with autocast:
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if epoch:
+                n += len(y)
+        sync(device)
+        if epoch:
+            t += time.perf_counter() - t0
+    return n / t
+
+
+def data_only(loader: Loader, epochs: int, device: torch.device) -> float:
+    n = 0
+    sync(device)
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for x, _ in loader:
+            n += len(x)
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="sample")
+    ap.add_argument("--model", default="allconv")
+    ap.add_argument("--width", type=float, default=0.25, help="All-CNN-C width multiplier")
+    ap.add_argument("--variant", default="plain", choices=["plain", "ss"], help="plain, or layer-wise shift+scale")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--limit-train", type=int, default=None)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    model_args = {"width": args.width} if args.model == "allconv" else {}
+    ss = "layer" if args.variant == "ss" else "none"
+    cfg = TrainConfig(
+        model=args.model, model_args=model_args, shift=ss, scale=ss, data=args.data, epochs=args.epochs + 1,
+        batch_size=args.batch_size, precision=args.precision, device=args.device, augment=True,
+        limit_train=args.limit_train, limit_test=1000,
+    )
+    data = load_data(cfg.data, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
+    size = tuple(data.train_x.shape[1:])
+    base = build_base(cfg, data.num_classes, size)
+    cuda = device.type == "cuda"
+    kw = {"mean": data.mean, "std": data.std, "device": device, "channels_last": cuda}
+    loader = Loader(data.train_x, data.train_y, cfg.batch_size, shuffle=True, augment=True, drop_last=True, **kw)
+
+    # 1. the hand-written loop on the same variant, same init
+    model = derive(base, cfg, size).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    hand = hand_loop(model, loader, args.epochs, cfg.lr, device, cfg.precision)
+
+    # 2. the tool's loop: epoch rows report images/s over the training part of each epoch
+    out = Path(tempfile.mkdtemp())
+    try:
+        Trainer(cfg, out / "run", data=data, base=base).run()
+        rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+        epochs = [r for r in rows if r["type"] == "epoch"][1:]  # drop the warm-up epoch
+        tool = sum(r["images_per_s"] for r in epochs) / len(epochs)
+    finally:
+        shutil.rmtree(out)
+
+    # 3. the data path alone
+    data_rate = data_only(loader, max(args.epochs, 2), device)
+    result = {
+        "benchmark": "train_speed", "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "model": args.model, "width": args.width,
+        "variant": args.variant, "batch_size": args.batch_size, "precision": args.precision, "data": args.data,
+        "train_images": len(data.train_x), "epochs_timed": args.epochs,
+        "hand_loop_images_per_s": hand, "tool_loop_images_per_s": tool, "tool_vs_hand": tool / hand,
+        "data_only_images_per_s": data_rate, "data_vs_model": data_rate / hand,
+    }  # fmt: skip
+    print(json.dumps(result, indent=2))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    tag = f"{device.type}_{args.model}_{args.variant}_bs{args.batch_size}_{args.precision}"
+    (Path(args.out) / f"train_speed_{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
