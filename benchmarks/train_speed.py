@@ -31,10 +31,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def hand_loop(model, loader: Loader, epochs: int, lr: float, device: torch.device, precision: str) -> float:
+def hand_loop(
+    model, loader: Loader, epochs: int, lr: float, device: torch.device, precision: str
+) -> float:
     """The loop a careful researcher would write: images/s over ``epochs`` epochs."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    )
     model.train()
     n, t = 0, 0.0
     for epoch in range(epochs + 1):  # epoch 0 warms up
@@ -72,7 +76,12 @@ def main() -> None:
     ap.add_argument("--data", default="sample")
     ap.add_argument("--model", default="allconv")
     ap.add_argument("--width", type=float, default=0.25, help="All-CNN-C width multiplier")
-    ap.add_argument("--variant", default="plain", choices=["plain", "ss"], help="plain, or layer-wise shift+scale")
+    ap.add_argument(
+        "--variant",
+        default="plain",
+        choices=["plain", "ss"],
+        help="plain, or layer-wise shift+scale",
+    )
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--limit-train", type=int, default=None)
@@ -84,16 +93,27 @@ def main() -> None:
     model_args = {"width": args.width} if args.model == "allconv" else {}
     ss = "layer" if args.variant == "ss" else "none"
     cfg = TrainConfig(
-        model=args.model, model_args=model_args, shift=ss, scale=ss, data=args.data, epochs=args.epochs + 1,
-        batch_size=args.batch_size, precision=args.precision, device=args.device, augment=True,
-        limit_train=args.limit_train, limit_test=1000,
+        model=args.model,
+        model_args=model_args,
+        shift=ss,
+        scale=ss,
+        data=args.data,
+        epochs=args.epochs + 1,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        device=args.device,
+        augment=True,
+        limit_train=args.limit_train,
+        limit_test=1000,
     )
     data = load_data(cfg.data, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
     size = tuple(data.train_x.shape[1:])
     base = build_base(cfg, data.num_classes, size)
     cuda = device.type == "cuda"
     kw = {"mean": data.mean, "std": data.std, "device": device, "channels_last": cuda}
-    loader = Loader(data.train_x, data.train_y, cfg.batch_size, shuffle=True, augment=True, drop_last=True, **kw)
+    loader = Loader(
+        data.train_x, data.train_y, cfg.batch_size, shuffle=True, augment=True, drop_last=True, **kw
+    )
 
     # 1. the hand-written loop on the same variant, same init
     model = derive(base, cfg, size).to(device)
@@ -105,7 +125,9 @@ def main() -> None:
     out = Path(tempfile.mkdtemp())
     try:
         Trainer(cfg, out / "run", data=data, base=base).run()
-        rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()
+        ]
         epochs = [r for r in rows if r["type"] == "epoch"][1:]  # drop the warm-up epoch
         tool = sum(r["images_per_s"] for r in epochs) / len(epochs)
     finally:

@@ -31,7 +31,9 @@ def _root() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: known errors become one line on stderr and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
+        if isinstance(rv, int):
+            return rv
     except SurgeonError as exc:
         if debug():
             raise

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import torch
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 import surgeon
@@ -59,6 +60,11 @@ def insert_command(
     summary = insertion_summary(base, gm, spec=model, shift=shift, scale=scale)
     if output is not None:
         surgeon.save(gm, output)
+    if not summary["sites"]:
+        why = "both modes are none" if shift == scale == "none" else "no sites found"
+        err_console.print(f"[yellow]warning:[/] {why}: nothing was inserted")
+    for warning in gm.surgeon_record.get("warnings", []):
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}")
     if as_json:
         print(json.dumps(summary))
         return
@@ -69,8 +75,6 @@ def insert_command(
 
 def _print_table(summary: dict) -> None:
     sites = summary["sites"]
-    if not sites:
-        err_console.print("[yellow]warning:[/] no sites found: nothing was inserted")
     table = Table(title=f"{summary['model']}: shift={summary['shift']} scale={summary['scale']}")
     for col, justify in (("#", "right"), ("node", "left"), ("kind", "left"), ("target", "left"),
                          ("shape", "left"), ("shift params", "right"), ("scale params", "right")):  # fmt: skip

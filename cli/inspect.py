@@ -116,10 +116,11 @@ def _print_sites(target: dict[str, Any], sites: list[dict[str, Any]]) -> None:
 
 def _print_comparison(comp: dict[str, Any]) -> None:
     pairs = Table(
-        title="pairs: correlation across sites of the per-site means", title_justify="left"
+        title="pairs: r = correlation across sites of the per-site means; r within sites = mean element-wise correlation per site",
+        title_justify="left",
     )
-    for col in ("a", "b", "same seed", "shift r", "scale r", "shift r (elements)",
-                "scale r (elements)", "max |Δshift|", "max |Δscale|"):  # fmt: skip
+    for col in ("a", "b", "same seed", "shift r", "scale r", "shift r within sites",
+                "scale r within sites", "max |Δshift|", "max |Δscale|"):  # fmt: skip
         pairs.add_column(col, justify="left" if col in ("a", "b") else "right")
     for p in comp["pairs"]:
         sh, sc = p["shift"] or {}, p["scale"] or {}

@@ -58,6 +58,8 @@ class ShiftScale(nn.Module):
             ``channel`` modes.
         channel_dim: dim of the full tensor (batch included) that holds the channels:
             1 for NCHW, ``ndim - 1`` for (N, C), (N, L, C) and channels-last (N, H, W, C).
+        fused: compute with the one-pass op of :mod:`surgeon.fused` (same result within
+            rounding; a Triton kernel on CUDA). Off by default.
     """
 
     def __init__(
@@ -66,8 +68,10 @@ class ShiftScale(nn.Module):
         scale: str = "layer",
         feature_shape: Sequence[int] = (),
         channel_dim: int = 1,
+        fused: bool = False,
     ) -> None:
         super().__init__()
+        self.fused = bool(fused)
         self.shift_mode = check_mode(shift, "shift mode")
         self.scale_mode = check_mode(scale, "scale mode")
         self.feature_shape = tuple(int(s) for s in feature_shape)
@@ -94,6 +98,12 @@ class ShiftScale(nn.Module):
         return p.view(self._view) if mode == "channel" else p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from .fused import shift_scale
+
+            return shift_scale(
+                x, self.shift, self.scale, self.shift_mode, self.scale_mode, self.channel_dim
+            )
         if self.shift is not None:
             x = x + self._broadcast(self.shift, self.shift_mode, x)
         if self.scale is not None:

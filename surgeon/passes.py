@@ -130,7 +130,8 @@ def _warn_mode(gm: fx.GraphModule, record: dict[str, Any]) -> None:
         mode = "train" if gm.training else "eval"
         msg = (
             f"the model branches on self.training outside leaf modules; the graph keeps {mode}-mode "
-            "behaviour in both modes (mark the branching module with --leaf to fix)"
+            "behaviour in both modes (make the branching module a leaf with --leaf, or insert "
+            "in the mode the model will run in)"
         )
         if msg not in record.setdefault("warnings", []):
             record["warnings"].append(msg)
@@ -154,6 +155,7 @@ def insert(
     input_size: Sequence[int] | str | None = None,
     example_inputs: Sequence[torch.Tensor] | None = None,
     leaf: Iterable[str | type] = (),
+    fused: bool = False,
 ) -> fx.GraphModule:
     """Insert ``ShiftScale(shift, scale)`` after the model's input and every non-final
     activation. Returns a new GraphModule that computes exactly the same outputs at init.
@@ -165,6 +167,7 @@ def insert(
         input_size: ``(C, H, W)`` for shape propagation; defaults to the model's own.
         example_inputs: tensors to propagate instead of a random input of ``input_size``.
         leaf: extra leaf module classes (or class names) for the tracer.
+        fused: make the modules use the one-pass op of :mod:`surgeon.fused`.
     """
     check_mode(shift, "shift mode")
     check_mode(scale, "scale mode")
@@ -177,7 +180,8 @@ def insert(
     if shift != "none" or scale != "none":
         for site in chosen:
             site.module = _unique_name(gm, SS_PREFIX + site.name)
-            module = ShiftScale(shift, scale, site.feature_shape, site.channel_dim).to(device)
+            module = ShiftScale(shift, scale, site.feature_shape, site.channel_dim, fused=fused)
+            module = module.to(device)
             _insert_after(gm, nodes[site.name], site.module, module)
     else:
         chosen = []
@@ -191,6 +195,7 @@ def insert(
             "input_size": list(a.input_size),
             "leaf": a.leaf,
             "traced_in": "train" if model.training else "eval",
+            "fused": bool(fused),
         }
     )
     record["sites"] = [s.to_dict() for s in chosen]

@@ -75,6 +75,10 @@ def _describe(obj) -> str:
         return f"{mod.split('.')[0]}.{obj.__name__}"
     mod = getattr(obj, "__module__", None) or ""
     name = getattr(obj, "__name__", str(obj))
+    if getattr(torch, name, None) is obj:
+        return f"torch.{name}"
+    if getattr(F, name, None) is obj:  # F.gelu lives in torch._C._nn
+        return f"F.{name}"
     if mod.startswith("torch.nn.functional"):
         return f"F.{name}"
     if mod.startswith("torch") or mod == "":

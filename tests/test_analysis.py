@@ -228,13 +228,31 @@ def test_identical_runs_correlate_perfectly(runs):
     assert pair["same_seed"] is True and pair["same_variant"] is True
     for name in ("shift", "scale"):
         assert pair[name]["correlation"] == 1.0
-        assert pair[name]["elementwise_correlation"] == 1.0
+        assert pair[name]["elementwise_correlation"] is None  # layer mode: one value per site
         assert pair[name]["max_abs_diff"] == 0.0 and pair[name]["mean_abs_diff"] == 0.0
         for s in comp["sites"]:
             assert s[name]["diff"] == [0.0, 0.0]
             assert s[name]["spread"] == 0.0 and s[name]["max_abs_diff"] == 0.0
         assert comp["summary"][name]["mean_correlation_same_seed"] == 1.0
         assert comp["summary"][name]["mean_correlation_different_seed"] is None
+
+
+def test_identical_channel_runs(runs):
+    comp = analysis.compare(analysis.load_targets([runs["channel"], runs["channel"]]))
+    (pair,) = comp["pairs"]
+    assert pair["scale"]["elementwise_correlation"] == 1.0
+    assert pair["shift"]["elementwise_correlation"] == 1.0
+    for s in comp["sites"]:
+        if s["name"] != "x":  # the input has one channel: one value, no correlation
+            assert s["scale"]["correlation_with_reference"] == [1.0, 1.0]
+        assert s["scale"]["elementwise_spread"] == 0.0
+
+
+def test_elementwise_correlation_is_within_sites(runs):
+    a, b = analysis.load_targets([runs["channel"], runs["channel"]])
+    b.tensors = {k: -v for k, v in b.tensors.items()}  # every site anti-correlated
+    (pair,) = analysis.compare([a, b])["pairs"]
+    assert pair["scale"]["elementwise_correlation"] == pytest.approx(-1.0)
 
 
 def test_comparison_values_and_spread(runs):

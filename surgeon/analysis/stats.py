@@ -225,10 +225,14 @@ def compare(targets: list[Target]) -> dict[str, Any]:
 
     - ``sites``: per site and parameter, each target's mean (``values``; for layer mode
       the value), its difference from the first target (``diff``), the sample std across
-      targets (``spread``), the largest element-wise |difference| from the first target
-      and the mean element-wise std across targets (when all shapes agree).
+      targets (``spread``); when all shapes agree, the largest element-wise |difference|
+      from the first target, the mean element-wise std across targets, and each target's
+      element-wise correlation with the first (``correlation_with_reference``; channel
+      and element modes only).
     - ``pairs``: per pair of targets, the Pearson correlation across sites of the per-site
-      means, and of all values element by element; mean and max |difference|.
+      means (``correlation``), the mean over sites of the within-site element-wise
+      correlation (``elementwise_correlation``; channel and element modes), and the mean
+      and max |difference|.
     - ``summary``: mean correlation over pairs of the same variant, split into same seed
       and different seeds, and the mean spread across sites.
     """
@@ -250,12 +254,15 @@ def compare(targets: list[Target]) -> dict[str, Any]:
                 "spread": _sample_std([m for m in means if m is not None]),
                 "max_abs_diff": None,
                 "elementwise_spread": None,
+                "correlation_with_reference": None,
             }
             if all(x is not None for x in tens) and len({tuple(x.shape) for x in tens}) == 1:
                 stacked = torch.stack([x.double() for x in tens])
                 entry["max_abs_diff"] = (stacked - stacked[0]).abs().max().item()
                 if n > 1:
                     entry["elementwise_spread"] = stacked.std(0, correction=1).mean().item()
+                if tens[0].numel() > 1:
+                    entry["correlation_with_reference"] = [pearson(x, tens[0]) for x in tens]
             row[name] = entry
         site_rows.append(row)
 
@@ -285,9 +292,10 @@ def compare(targets: list[Target]) -> dict[str, Any]:
                 "max_abs_diff": None,
             }
             if same_shape:
+                within = [pearson(x, y) for x, y in both if x.numel() > 1]
+                entry["elementwise_correlation"] = _avg(within)
                 fa = torch.cat([x.double().flatten() for x, _ in both])
                 fb = torch.cat([y.double().flatten() for _, y in both])
-                entry["elementwise_correlation"] = pearson(fa, fb)
                 d = (fa - fb).abs()
                 d = d[torch.isfinite(d)]
                 entry["max_abs_diff"] = d.max().item() if d.numel() else None

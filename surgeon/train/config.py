@@ -60,6 +60,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     probe: bool = False  # per-site activation stats and gradient norms, once per epoch
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
+    accum_steps: int = 1  # micro-batches per optimiser step (batch_size is per step, all ranks)
+    sync_bn: bool = False  # SyncBatchNorm for the batchnorm variant under DDP
+    pretrained: bool = False  # timm/torchvision pretrained weights (needs internet or a cache)
     tensorboard: bool = False
     variant: str = ""  # filled in from norm/shift/scale
 
@@ -90,6 +93,11 @@ class TrainConfig:
                 raise TrainError(
                     f"--{what} must be positive, got {value}", hint=f"pass --{what} > 0"
                 )
+        if self.accum_steps < 1 or self.batch_size % self.accum_steps:
+            raise TrainError(
+                f"--batch-size {self.batch_size} is not a multiple of --accum-steps {self.accum_steps}",
+                hint="the batch size counts all micro-batches of one optimiser step",
+            )
         if not 0 <= self.ema < 1:
             raise TrainError(
                 f"--ema must be in [0, 1), got {self.ema}", hint="the thesis uses 0.99"

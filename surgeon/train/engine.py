@@ -1,9 +1,10 @@
 """The training engine: one run, from a resolved :class:`TrainConfig` to a run folder.
 
 The loop is a plain PyTorch loop: data on the device as uint8 tensors (see
-:mod:`surgeon.data`), bf16 autocast and channels_last on CUDA, optional ``torch.compile``.
-Per-step losses stay on the device and are fetched in chunks, so the host syncs once
-every ``flush_every`` steps (every step on CPU, where it costs nothing).
+:mod:`surgeon.data`), bf16 autocast and channels_last on CUDA, optional ``torch.compile``,
+DistributedDataParallel under torchrun (rank 0 alone writes). Per-step losses stay on the
+device and are fetched in chunks, so the host syncs once every ``flush_every`` steps (every
+step on CPU, where it costs nothing).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.markup import escape
 from safetensors.torch import save_file
 from torch import nn
 
@@ -28,6 +31,7 @@ from ..data import ImageData, Loader, load_data
 from ..errors import TrainError
 from ..io import write_json_atomic, write_model_files
 from ..layers import ShiftScale
+from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .optim import build_optimizer, decay_to_identity, lr_factor, set_lr
@@ -41,11 +45,15 @@ SUMMARY_FIELDS = (
 )  # fmt: skip
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda but no CUDA device is available", hint="use --device cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(
+                "--device cuda but no CUDA device is available", hint="use --device cpu"
+            )
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
@@ -61,21 +69,43 @@ def snapshot_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def convert_sync_bn(model: nn.Module) -> nn.Module:
+    """Swap the channel-dim-1 BatchNorms for SyncBatchNorm (the batchnorm variant under DDP)."""
+    for name, child in list(model.named_children()):
+        if (
+            isinstance(child, nn.modules.batchnorm._BatchNorm)
+            and getattr(child, "channel_dim", 1) == 1
+        ):
+            sync = nn.SyncBatchNorm(
+                child.num_features,
+                child.eps,
+                child.momentum,
+                child.affine,
+                child.track_running_stats,
+            )
+            sync.load_state_dict(child.state_dict())
+            setattr(model, name, sync.to(next(child.parameters()).device))
+        else:
+            convert_sync_bn(child)
+    return model
+
+
 @dataclass
 class RunState:
     """What a checkpoint must restore besides weights, momentum and RNG."""
 
-    step: int = 0
+    step: int = 0  # optimiser steps
     epoch: int = 0  # completed epochs
-    batch: int = 0  # batches done in the current epoch
+    batch: int = 0  # micro-batches done in the current epoch (this rank)
     ema_loss: float | None = None
-    loss_sum: float = 0.0  # current epoch's running sums
+    loss_sum: float = 0.0  # current epoch's running sums (all ranks)
     correct: int = 0
     seen: int = 0
     best_val_err: float | None = None
     best_epoch: int = 0
     final_val_err: float | None = None
     history: list[float] = field(default_factory=list)  # val_err per epoch
+    world_size: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -96,14 +126,25 @@ class Trainer:
         stop_at_step: int | None = None,
     ) -> None:
         self.cfg, self.out = cfg, Path(out)
-        self.reporter = reporter or Reporter()
-        self.device = resolve_device(cfg.device)
+        self.dist = distributed.env_info()
+        self.device = resolve_device(cfg.device, self.dist.local_rank)
+        self.dist = distributed.init(self.device.type)
+        self.main = self.dist.is_main
+        self.reporter = (reporter or Reporter()) if self.main else Reporter()
         if cfg.precision == "bf16" and self.device.type != "cuda":
             raise TrainError(
                 "--precision bf16 needs a CUDA device", hint="the CPU path runs in fp32"
             )
+        world = self.dist.world_size
+        if cfg.batch_size % (world * cfg.accum_steps):
+            raise TrainError(
+                f"--batch-size {cfg.batch_size} does not split over {world} processes x {cfg.accum_steps} micro-batches",
+                hint="use a batch size divisible by nproc * accum-steps",
+            )
+        self.micro = cfg.batch_size // (world * cfg.accum_steps)
         self.resume = resume
         self.stop_at_step = stop_at_step  # tests: simulate a process killed after this step
+        self.fault = _fault_step(self.dist.rank)  # tests: this rank dies at this step
         self.data = data or load_data(
             cfg.data,
             cfg.data_root,
@@ -119,7 +160,15 @@ class Trainer:
         if cuda and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.opt = build_optimizer(self.model, cfg)
-        self.forward: Callable = torch.compile(self.model) if cfg.compile else self.model
+        net: nn.Module = self.model
+        if self.dist.enabled:
+            if cfg.sync_bn:
+                convert_sync_bn(self.model)
+            net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if cuda else None
+            )
+        self.net = net
+        self.forward: Callable = torch.compile(net) if cfg.compile else net
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if cfg.precision == "bf16"
@@ -131,27 +180,30 @@ class Trainer:
             "device": self.device,
             "channels_last": cuda and cfg.channels_last,
         }
+        shard = {"rank": self.dist.rank, "world_size": world}
         self.train_loader = Loader(
             self.data.train_x,
             self.data.train_y,
-            cfg.batch_size,
+            self.micro,
             shuffle=True,
             augment=cfg.augment,
             drop_last=True,
             seed=cfg.seed,
             **loader_kw,
+            **shard,
         )
         self.val_loader = Loader(
-            self.data.test_x, self.data.test_y, max(cfg.batch_size, 256), **loader_kw
+            self.data.test_x, self.data.test_y, max(self.micro, 256), **loader_kw, **shard
         )
-        if len(self.train_loader) == 0:
+        self.steps_per_epoch = len(self.train_loader) // cfg.accum_steps
+        if self.steps_per_epoch == 0:
             raise TrainError(
                 f"batch size {cfg.batch_size} is larger than the {len(self.data.train_x)} training images",
                 hint="lower --batch-size",
             )
         self.flush_every = 1 if self.device.type == "cpu" else 25
-        self.state = RunState()
-        self.probe = Probe(self.model, self.input_size) if cfg.probe else None
+        self.state = RunState(world_size=world)
+        self.probe = Probe(self.model, self.input_size) if cfg.probe and self.main else None
         if self.probe is not None:  # a fixed, unaugmented batch of training images
             probe_loader = Loader(
                 self.data.train_x[:256], self.data.train_y[:256], 256, **loader_kw
@@ -161,6 +213,20 @@ class Trainer:
     # ---------------------------------------------------------------- files
 
     def _prepare_folder(self) -> None:
+        """Create (rank 0) or reopen the run folder; every rank learns whether that worked."""
+        error: Exception | None = None
+        if self.main or self.resume:
+            try:
+                self._prepare_local()
+            except Exception as exc:
+                error = exc
+        ok = distributed.broadcast_flag(error is None, self.dist, self.device)
+        if error is not None:
+            raise error
+        if not ok:
+            raise TrainError("rank 0 could not prepare the run folder", hint="see rank 0's error")
+
+    def _prepare_local(self) -> None:
         ckpt = latest_checkpoint(self.out / "checkpoints")
         if self.resume:
             if ckpt is None:
@@ -168,8 +234,15 @@ class Trainer:
                     f"nothing to resume in {self.out}: no checkpoint",
                     hint="start a new run without --resume",
                 )
-            self.state = RunState(**load_checkpoint(ckpt, self.model, self.opt)["run"])
-            self._truncate_metrics(self.state.step, self.state.epoch)
+            saved = load_checkpoint(ckpt, self.model, self.opt)["run"]
+            if saved.get("world_size", 1) != self.dist.world_size:
+                raise TrainError(
+                    f"{self.out} was trained with {saved.get('world_size', 1)} process(es), not {self.dist.world_size}",
+                    hint=f"resume with --nproc {saved.get('world_size', 1)}",
+                )
+            self.state = RunState(**saved)
+            if self.main:
+                self._truncate_metrics(self.state.step, self.state.epoch)
             return
         if self.out.exists() and any(self.out.iterdir()):
             raise TrainError(
@@ -178,7 +251,9 @@ class Trainer:
             )
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "snapshots").mkdir()
-        write_json_atomic(self.out / "config.json", self.cfg.to_dict())
+        write_json_atomic(
+            self.out / "config.json", {**self.cfg.to_dict(), "world_size": self.dist.world_size}
+        )
         write_json_atomic(
             self.out / "data.json",
             {
@@ -194,6 +269,7 @@ class Trainer:
         save_file(
             snapshot_tensors(self.model), str(self.out / "snapshots" / "epoch_0000.safetensors")
         )
+        self._log_probe()
 
     def _truncate_metrics(self, step: int, epoch: int) -> None:
         """Drop metric lines written after the checkpoint (a killed run may have logged more)."""
@@ -212,6 +288,8 @@ class Trainer:
         tmp.replace(path)
 
     def _log(self, rows: list[dict[str, Any]]) -> None:
+        if not self.main:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
@@ -223,38 +301,43 @@ class Trainer:
             self._log([{"type": "probe", "epoch": st.epoch, "step": st.step, **r} for r in rows])
 
     def _checkpoint(self) -> None:
-        save_checkpoint(
-            self.out / "checkpoints",
-            self.model,
-            self.opt,
-            {"run": self.state.to_dict(), "step": self.state.step},
-        )
+        if self.main:
+            save_checkpoint(
+                self.out / "checkpoints",
+                self.model,
+                self.opt,
+                {"run": self.state.to_dict(), "step": self.state.step},
+            )
+        distributed.barrier(self.dist)
 
     # ---------------------------------------------------------------- loop
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
-        """``(val_loss, val_err)`` over the whole test split, in eval mode."""
+        """``(val_loss, val_err)`` over the test split (sharded over ranks), in eval mode."""
         self.model.eval()
-        loss = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct = torch.zeros((), device=self.device, dtype=torch.int64)
-        n = 0
+        sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss, correct, count
         for x, y in self.val_loader:
             with self.autocast:
-                out = self.forward(x)
-            loss += F.cross_entropy(out.float(), y, reduction="sum").double()
-            correct += (out.argmax(1) == y).sum()
-            n += len(y)
+                out = self.model(x) if not self.cfg.compile else self.forward(x)
+            sums[0] += F.cross_entropy(out.float(), y, reduction="sum").double()
+            sums[1] += (out.argmax(1) == y).sum()
+            sums[2] += len(y)
+        distributed.all_reduce_sum(sums, self.dist)
         self.model.train()
-        return loss.item() / n, 1.0 - correct.item() / n
+        loss, correct, n = sums.tolist()
+        return loss / n, 1.0 - correct / n
 
     def _flush(
         self, losses: list[torch.Tensor], lrs: list[float], first_step: int, epoch: int
     ) -> int | None:
-        """Log pending step losses; return the first step with a non-finite loss, if any."""
+        """Log pending step losses (mean over ranks); return the first non-finite step, if any."""
         if not losses:
             return None
-        values = torch.stack(losses).float().cpu().tolist()
+        stacked = torch.stack(losses).float()
+        if self.dist.enabled:
+            stacked = distributed.all_reduce_sum(stacked, self.dist) / self.dist.world_size
+        values = stacked.cpu().tolist()
         rows, st = [], self.state
         for i, (v, lr) in enumerate(zip(values, lrs, strict=True)):
             step = first_step + i
@@ -278,12 +361,37 @@ class Trainer:
         self.reporter.step(first_step + len(values) - 1, st.ema_loss, lrs[-1])
         return None
 
+    def _train_step(
+        self, batches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimiser step over ``accum_steps`` micro-batches: (mean loss, correct, images)."""
+        cfg = self.cfg
+        self.opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        n = 0
+        for i, (x, y) in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = nullcontext() if (last or not self.dist.enabled) else self.net.no_sync()
+            with sync:
+                with self.autocast:
+                    out = self.forward(x)
+                    loss = F.cross_entropy(out, y)
+                (loss / len(batches)).backward()
+            total += loss.detach().float() / len(batches)
+            correct += (out.detach().argmax(1) == y).sum()
+            n += len(y)
+        if cfg.ss_decay_to == "identity":
+            decay_to_identity(self.model, cfg.ss_wd)
+        self.opt.step()
+        return total, correct, n
+
     def run(self) -> dict[str, Any]:
-        cfg, st = self.cfg, self.state
+        cfg = self.cfg
         self._prepare_folder()
         st = self.state
-        steps_per_epoch = len(self.train_loader)
-        self.reporter.start(cfg.name, cfg.epochs, steps_per_epoch, st.epoch, st.step)
+        accum = cfg.accum_steps
+        self.reporter.start(cfg.name, cfg.epochs, self.steps_per_epoch, st.epoch, st.step)
         status, message, diverged_at = "ok", None, None
         self.model.train()
         try:
@@ -295,48 +403,50 @@ class Trainer:
                 correct = torch.zeros((), device=self.device, dtype=torch.int64)
                 pending: list[torch.Tensor] = []
                 lrs: list[float] = []
+                group: list[tuple[torch.Tensor, torch.Tensor]] = []
+                end = self.steps_per_epoch * accum
                 for x, y in self.train_loader.iter_from(st.batch):
-                    lr = set_lr(self.opt, cfg, lr_factor(cfg, st.step, steps_per_epoch))
-                    with self.autocast:
-                        out = self.forward(x)
-                        loss = F.cross_entropy(out, y)
-                    self.opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.ss_decay_to == "identity":
-                        decay_to_identity(self.model, cfg.ss_wd)
-                    self.opt.step()
+                    group.append((x, y))
+                    if len(group) < accum:
+                        continue
+                    lr = set_lr(self.opt, cfg, lr_factor(cfg, st.step, self.steps_per_epoch))
+                    loss, ok, n = self._train_step(group)
+                    group = []
                     st.step += 1
-                    st.batch += 1
-                    images += len(y)
-                    d = loss.detach()
-                    pending.append(d)
+                    st.batch += accum
+                    images += n * self.dist.world_size
+                    pending.append(loss)
                     lrs.append(lr)
-                    loss_sum += d.double() * len(y)
-                    correct += (out.detach().argmax(1) == y).sum()
-                    last = st.batch == steps_per_epoch
-                    if (
-                        len(pending) >= self.flush_every
-                        or last
-                        or (cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0)
-                    ):
+                    loss_sum += loss.double() * n
+                    correct += ok
+                    last = st.batch >= end
+                    ckpt_now = (
+                        bool(cfg.checkpoint_every)
+                        and st.step % cfg.checkpoint_every == 0
+                        and not last
+                    )
+                    if len(pending) >= self.flush_every or last or ckpt_now:
                         bad = self._flush(pending, lrs, st.step - len(pending) + 1, epoch)
                         pending, lrs = [], []
                         if bad is not None:
                             diverged_at = bad
                             raise _Diverged(bad, lr)
-                        st.loss_sum += loss_sum.item()
-                        st.correct += int(correct.item())
-                        st.seen = st.batch * cfg.batch_size
+                        sums = distributed.all_reduce_sum(
+                            torch.stack([loss_sum, correct.double()]), self.dist
+                        )
+                        st.loss_sum += sums[0].item()
+                        st.correct += int(sums[1].item())
+                        st.seen = st.batch * self.micro * self.dist.world_size
                         loss_sum.zero_()
                         correct.zero_()
-                        if (
-                            cfg.checkpoint_every
-                            and st.step % cfg.checkpoint_every == 0
-                            and not last
-                        ):
+                        if ckpt_now:
                             self._checkpoint()
                     if self.stop_at_step is not None and st.step >= self.stop_at_step:
                         raise _Stopped()
+                    if self.fault is not None and st.step >= self.fault:
+                        os._exit(3)  # fault injection for tests: this rank dies here
+                    if last:
+                        break
                 train_time = time.perf_counter() - t0
                 val_loss, val_err = self.evaluate()
                 st.epoch += 1
@@ -345,7 +455,7 @@ class Trainer:
                     "train_loss": st.loss_sum / max(st.seen, 1), "train_err": 1 - st.correct / max(st.seen, 1),
                     "train_acc": st.correct / max(st.seen, 1), "val_loss": val_loss, "val_err": val_err,
                     "val_acc": 1 - val_err, "time_s": train_time, "images_per_s": images / max(train_time, 1e-9),
-                    "ema_loss": st.ema_loss, "lr": lrs[-1] if lrs else set_lr(self.opt, cfg, lr_factor(cfg, st.step - 1, steps_per_epoch)),
+                    "ema_loss": st.ema_loss, "lr": lrs[-1] if lrs else set_lr(self.opt, cfg, lr_factor(cfg, st.step - 1, self.steps_per_epoch)),
                 }  # fmt: skip
                 if not math.isfinite(val_loss):
                     diverged_at = st.step
@@ -357,18 +467,21 @@ class Trainer:
                 st.batch, st.loss_sum, st.correct, st.seen = 0, 0.0, 0, 0
                 self._log([row])
                 self._log_probe()
-                save_file(
-                    snapshot_tensors(self.model),
-                    str(self.out / "snapshots" / f"epoch_{st.epoch:04d}.safetensors"),
-                )
+                if self.main:
+                    save_file(
+                        snapshot_tensors(self.model),
+                        str(self.out / "snapshots" / f"epoch_{st.epoch:04d}.safetensors"),
+                    )
                 self._checkpoint()
                 self.reporter.epoch(row)
-            write_model_files(self.model, self.out, {"run": cfg.name})
+            if self.main:
+                write_model_files(self.model, self.out, {"run": cfg.name})
         except _Diverged as exc:
             status = "diverged"
             message = f"non-finite loss at step {exc.step} (lr {exc.lr:g}, variant {cfg.variant}); kept the last good checkpoint"
-            self.reporter.message(f"[red]diverged:[/] {message}")
-            self._restore_last_good()
+            self.reporter.message(f"[red]diverged:[/] {escape(message)}")
+            if self.main:
+                self._restore_last_good(exc.step)
         except _Stopped:
             self.reporter.stop()
             return {"name": cfg.name, "status": "stopped", "steps": st.step}
@@ -379,14 +492,32 @@ class Trainer:
             "final_val_err": st.final_val_err, "best_val_err": st.best_val_err, "best_epoch": st.best_epoch,
             "epochs_run": st.epoch, "steps": st.step, "diverged_at_step": diverged_at, "message": message,
         }  # fmt: skip
-        write_summary(self.out, summary)
+        if self.main:
+            write_summary(self.out, summary)
+        distributed.barrier(self.dist)
         return summary
 
-    def _restore_last_good(self) -> None:
-        """After divergence the run folder's model is the last good checkpoint's weights."""
-        ckpt = latest_checkpoint(self.out / "checkpoints")
-        if ckpt is not None:
-            shutil.copyfile(ckpt / "model.safetensors", self.out / "model.safetensors")
+    def _restore_last_good(self, diverged_at: int) -> None:
+        """After divergence the run folder's model is the last good checkpoint's weights.
+
+        Good: an epoch-end checkpoint (its val loss was finite), or a mid-epoch one older than
+        the step before ``diverged_at`` (the weights that gave the non-finite loss). With
+        none, the folder keeps the initial weights written at the start.
+        """
+        for ckpt in sorted((self.out / "checkpoints").glob("step_*"), reverse=True):
+            run = json.loads((ckpt / "state.json").read_text())["run"]
+            if run["batch"] == 0 or run["step"] < diverged_at - 1:
+                shutil.copyfile(ckpt / "model.safetensors", self.out / "model.safetensors")
+                return
+
+
+def _fault_step(rank: int) -> int | None:
+    """``SURGEON_FAULT=RANK:STEP`` makes that rank exit abruptly after STEP (tests only)."""
+    spec = os.environ.get("SURGEON_FAULT", "")
+    if not spec:
+        return None
+    r, _, step = spec.partition(":")
+    return int(step) if int(r) == rank else None
 
 
 class _Diverged(Exception):
@@ -421,7 +552,9 @@ def resume(run: str | Path, **kwargs: Any) -> dict[str, Any]:
         raise TrainError(
             f"{run} is not a run folder (no config.json)", hint="pass the folder a run wrote"
         )
-    cfg = TrainConfig.from_dict(json.loads(path.read_text()))
+    saved = json.loads(path.read_text())
+    saved.pop("world_size", None)
+    cfg = TrainConfig.from_dict(saved)
     overrides = kwargs.pop("overrides", {})
     if overrides:
         cfg = cfg.replace(**overrides)

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
@@ -46,13 +47,13 @@ class PlainReporter(Reporter):
 
     def epoch(self, row: dict[str, Any]) -> None:
         self.console.print(
-            f"[{self.name}] epoch {row['epoch']}/{self.epochs} train_loss {row['train_loss']:.4f} "
+            f"{escape(f'[{self.name}]')} epoch {row['epoch']}/{self.epochs} train_loss {row['train_loss']:.4f} "
             f"ema_loss {row['ema_loss']:.4f} val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} "
             f"{row['images_per_s']:.0f} img/s {row['time_s']:.1f}s"
         )
 
     def message(self, text: str) -> None:
-        self.console.print(f"[{self.name}] {text}")
+        self.console.print(f"{escape(f'[{self.name}]')} {text}")
 
 
 class RichReporter(PlainReporter):

@@ -15,6 +15,7 @@ from ..data import ImageData, load_data
 from ..errors import SurgeonError
 from ..io import write_json_atomic
 from .config import TrainConfig
+from .distributed import env_info
 from .engine import SUMMARY_FIELDS, train, write_summary
 from .progress import Reporter
 from .recipes import Recipe
@@ -28,8 +29,12 @@ def run_configs(
     recipe_name: str = "",
     reporter_factory: Callable[[], Reporter] = Reporter,
     on_done: Callable[[dict[str, Any]], None] | None = None,
+    strict: bool = False,
 ) -> list[dict[str, Any]]:
-    """Train ``configs`` into ``out/<run name>/``; write ``results.json``/``results.csv``."""
+    """Train ``configs`` into ``out/<run name>/``; write ``results.json``/``results.csv``.
+
+    With ``strict`` a :class:`SurgeonError` (bad data, existing folder...) propagates instead
+    of being recorded as a failed run (the CLI's single runs: one error line, exit 2)."""
     out.mkdir(parents=True, exist_ok=True)
     datasets: dict[tuple, ImageData] = {}
     bases: dict[tuple, Any] = {}
@@ -53,8 +58,12 @@ def run_configs(
                 bases[bkey] = build_base(cfg, data.num_classes, size)
             summary = train(cfg, run_dir, data=data, base=bases[bkey], reporter=reporter_factory())
         except SurgeonError as exc:
+            if strict:
+                raise
             summary = _failed(cfg, str(exc), run_dir)
         except Exception as exc:  # one broken run must not stop the others
+            if env_info().launched:
+                raise  # under torchrun a failed collective means the whole job is gone
             summary = _failed(cfg, f"{type(exc).__name__}: {exc}", run_dir)
             summary["traceback"] = traceback.format_exc()
         results.append(summary)
@@ -81,6 +90,8 @@ def _failed(cfg: TrainConfig, message: str, run_dir: Path) -> dict[str, Any]:
 
 
 def write_results(out: Path, recipe_name: str, results: list[dict[str, Any]]) -> None:
+    if env_info().rank != 0:
+        return  # under torchrun only rank 0 writes
     write_json_atomic(out / "results.json", {"recipe": recipe_name, "runs": results})
     tmp = out / ".results.csv.tmp"
     with open(tmp, "w", newline="") as f:

@@ -29,6 +29,16 @@ def model_args_for(
         args.setdefault("num_classes", num_classes)
     if spec == "mlp":
         args.setdefault("input_size", tuple(input_size))
+    if cfg.pretrained:
+        if spec.startswith("timm:"):
+            args["pretrained"] = True
+        elif spec.startswith("torchvision:"):
+            args["weights"] = "DEFAULT"
+        else:
+            raise TrainError(
+                f"--pretrained applies to timm and torchvision models, not {spec}",
+                hint="drop --pretrained",
+            )
     if cfg.dropout:
         if spec not in BUILTINS:
             raise TrainError(

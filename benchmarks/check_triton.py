@@ -1,0 +1,206 @@
+"""GPU-side check of the fused shift-scale: the Triton path against the PyTorch path and
+an fp64 reference, then the overhead benchmark's CUDA configuration.
+
+    PYTHONPATH=. python benchmarks/check_triton.py                  # on a CUDA machine
+    PYTHONPATH=. python benchmarks/check_triton.py --device cpu     # Triton's interpreter, small shapes
+    PYTHONPATH=. python benchmarks/check_triton.py --no-bench       # the comparisons only
+
+For every shift x scale mode pair, with and without the merged ReLU, fp32 and bf16, and the
+layouts NCHW, channels-last, (N, C), (N, L, C) and (N, H, W, C) with channel dim 3, it
+compares forward output and the gradients of x, shift and scale. Errors are relative to
+the fp64 reference: ``max |got - ref| / max |ref|`` for the output and grad_x, and for a
+parameter gradient (a sum) ``max |got - ref| / sum |terms|``, so cancellation in the sum does
+not inflate it. Prints one line per case that fails, the worst errors, PASS or FAIL, and
+exits 1 on failure. Needs nothing beyond torch and triton (no installs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from surgeon import fused  # noqa: E402
+from surgeon.layers import MODES, param_shape  # noqa: E402
+
+TOL = {  # (output and grad_x, parameter gradients), relative; see the module docstring
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-2),
+}
+
+
+def layouts(big: bool) -> list[tuple[str, tuple[int, ...], int, torch.memory_format | None]]:
+    """(name, shape, channel dim, memory format)."""
+    if big:  # several blocks per row / column, loops inside the kernels
+        return [
+            ("nchw", (16, 24, 48, 48), 1, None),
+            ("channels_last", (16, 24, 48, 48), 1, torch.channels_last),
+            ("nc", (4096, 192), 1, None),
+            ("nlc", (8, 197, 384), 2, None),
+            ("nhwc", (16, 14, 14, 96), 3, None),
+            ("nchw_small_hw", (64, 192, 6, 6), 1, None),
+            ("channels_last_odd_c", (8, 10, 9, 9), 1, torch.channels_last),
+        ]
+    return [
+        ("nchw", (3, 4, 5, 6), 1, None),
+        ("channels_last", (3, 4, 5, 6), 1, torch.channels_last),
+        ("nc", (5, 7), 1, None),
+        ("nlc", (3, 5, 6), 2, None),
+        ("nhwc", (3, 4, 5, 6), 3, None),
+        ("nchw_long_rows", (2, 3, 40, 40), 1, None),
+    ]
+
+
+def run(backend: str, x, b, a, modes, cd: int, relu: bool, g):
+    fused.BACKEND = backend
+    x = x.detach().clone().requires_grad_()
+    b = b.detach().clone().requires_grad_() if b is not None else None
+    a = a.detach().clone().requires_grad_() if a is not None else None
+    y = fused.shift_scale(x, b, a, modes[0], modes[1], cd, relu)
+    y.backward(g)
+    return (
+        y.detach(),
+        x.grad,
+        (b.grad if b is not None else None),
+        (a.grad if a is not None else None),
+    )
+
+
+def reduce_abs(t: torch.Tensor, mode: str, cd: int) -> torch.Tensor:
+    return fused._reduce(t.abs(), mode, cd, t)
+
+
+def check(device: str, big: bool) -> bool:
+    torch.manual_seed(0)
+    pairs = [(s, c) for s in MODES for c in MODES if (s, c) != ("none", "none")]
+    worst: dict[tuple[str, str], float] = {}
+    failures, n = 0, 0
+    t0 = time.perf_counter()
+    for (name, shape, cd, mf), (sh, sc), relu, dt in itertools.product(
+        layouts(big), pairs, (False, True), (torch.float32, torch.bfloat16)
+    ):
+        x = torch.randn(shape, device=device).to(dt)
+        g = torch.randn(shape, device=device).to(dt)
+        if mf is not None:
+            x, g = x.to(memory_format=mf), g.to(memory_format=mf)
+        fs = shape[1:]
+        b = 0.5 * torch.randn(param_shape(sh, fs, cd), device=device) if sh != "none" else None
+        a = 1 + 0.5 * torch.randn(param_shape(sc, fs, cd), device=device) if sc != "none" else None
+        got = run("triton", x, b, a, (sh, sc), cd, relu, g)
+        base = run("torch", x, b, a, (sh, sc), cd, relu, g)
+        b64 = b.double() if b is not None else None
+        a64 = a.double() if a is not None else None
+        ref = run("torch", x.double(), b64, a64, (sh, sc), cd, relu, g.double())
+        # the scale of each parameter gradient: sum |terms|
+        xr = x.double().clamp_min(0) if relu else x.double()
+        xb = xr + fused._view(b64, sh, xr, cd) if b64 is not None else xr
+        ga64 = g.double() * fused._view(a64, sc, xr, cd) if a64 is not None else g.double()
+        scales = [
+            None,
+            None,
+            reduce_abs(ga64, sh, cd).max() if b is not None else None,
+            reduce_abs(g.double() * xb, sc, cd).max() if a is not None else None,
+        ]
+        tol_act, tol_par = TOL[dt]
+        for i, what in enumerate(("out", "grad_x", "grad_shift", "grad_scale")):
+            r = ref[i]
+            if r is None:
+                continue
+            denom = (r.abs().max() if scales[i] is None else scales[i]).item() + 1e-12
+            tol = tol_act if i < 2 else tol_par
+            for backend, res in (("triton", got), ("torch", base)):
+                t = res[i]
+                if t is None or t.shape != r.shape:
+                    print(f"FAIL {backend} {name} {sh}/{sc} relu={relu} {dt}: {what} missing/shape")
+                    failures += 1
+                    continue
+                err = (t.double() - r).abs().max().item() / denom
+                key = (backend, f"{what} {str(dt)[6:]}")
+                worst[key] = max(worst.get(key, 0.0), err)
+                if backend == "triton" and err > tol:
+                    print(f"FAIL {name} {sh}/{sc} relu={relu} {dt}: {what} rel err {err:.2e}")
+                    failures += 1
+        if got[0].dtype != x.dtype or got[0].stride() != x.stride():
+            print(f"FAIL {name} {sh}/{sc} relu={relu} {dt}: output dtype/layout")
+            failures += 1
+        n += 1
+    print(f"{n} cases in {time.perf_counter() - t0:.1f}s; worst relative errors vs fp64:")
+    for key in sorted(worst):
+        print(f"  {key[0]:6s} {key[1]:20s} {worst[key]:.2e}")
+    print("PASS" if failures == 0 else f"FAIL ({failures})")
+    return failures == 0
+
+
+def micro(device: str) -> None:
+    """Forward+backward of one All-CNN-C-sized activation: unfused, fused PyTorch, Triton."""
+    from surgeon.layers import ShiftScale
+
+    shape = (512, 96, 32, 32)
+    x0 = torch.randn(shape, device=device, dtype=torch.bfloat16)
+    x0 = x0.to(memory_format=torch.channels_last)
+    g = torch.randn_like(x0)
+    print(f"\nmicro: {shape} bf16 channels_last, forward+backward, ms")
+    for mode in ("layer", "channel", "element"):
+        row = []
+        for label, fused_on, backend in (
+            ("plain", False, "torch"),
+            ("torch", True, "torch"),
+            ("triton", True, "triton"),
+        ):
+            m = ShiftScale(mode, mode, shape[1:], 1, fused=fused_on).to(device)
+            fused.BACKEND = backend
+            x = x0.detach().requires_grad_()
+            for _ in range(3):
+                m(x).backward(g)
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                m(x).backward(g)
+            end.record()
+            torch.cuda.synchronize()
+            row.append(f"{label} {start.elapsed_time(end) / 20:.3f}")
+        print(f"  {mode:8s} " + "  ".join(row))
+    fused.BACKEND = "auto"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for Triton's interpreter")
+    ap.add_argument("--no-bench", action="store_true", help="skip the overhead benchmark")
+    ap.add_argument("--bench-args", default="", help="extra arguments for overhead.py")
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device; use --device cpu for the interpreter")
+        return 2
+    if fused._triton() is None:
+        print("triton cannot be imported")
+        return 2
+    print(f"torch {torch.__version__}, triton {fused._triton().triton.__version__}, ", end="")
+    print(torch.cuda.get_device_name() if args.device == "cuda" else "interpreter on CPU")
+    ok = check(args.device, big=False)
+    if args.device == "cuda":
+        ok = check(args.device, big=True) and ok
+        micro(args.device)
+    if args.device == "cuda" and not args.no_bench:
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--device", "cuda"]
+        cmd += ["--compile", *args.bench_args.split()]
+        print("\n$ " + " ".join(cmd), flush=True)
+        ok = subprocess.call(cmd, cwd=ROOT) == 0 and ok
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

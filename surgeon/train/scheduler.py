@@ -1,0 +1,94 @@
+"""Spreading a recipe's independent runs over GPUs (or CPU workers) from a queue.
+
+Each run is a subprocess ``python -m surgeon train --config RUN.json`` pinned to one GPU
+with ``CUDA_VISIBLE_DEVICES`` (or a CPU slot); a slot takes the next run from the queue
+when its run ends. A run that fails or diverges is recorded; the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+from .runner import _failed, write_results
+
+
+def slots(gpus: list[int] | None, runs_per_gpu: int, workers: int) -> list[dict[str, str]]:
+    """One environment per concurrent run: a GPU id (repeated runs_per_gpu times) or a CPU slot."""
+    if gpus:
+        return [{"CUDA_VISIBLE_DEVICES": str(g)} for g in gpus for _ in range(max(runs_per_gpu, 1))]
+    threads = max((os.cpu_count() or 1) // max(workers, 1), 1)
+    return [
+        {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)}
+        for _ in range(max(workers, 1))
+    ]
+
+
+def run_parallel(
+    configs: list[TrainConfig],
+    out: Path,
+    envs: list[dict[str, str]],
+    *,
+    recipe_name: str = "",
+    on_done: Callable[[dict[str, Any]], None] | None = None,
+    poll_s: float = 0.5,
+) -> list[dict[str, Any]]:
+    """Run ``configs`` with ``len(envs)`` at a time; return their summaries in config order."""
+    out.mkdir(parents=True, exist_ok=True)
+    queue = deque(enumerate(configs))
+    free = list(range(len(envs)))
+    running: dict[int, tuple[subprocess.Popen, int, TrainConfig, Path]] = {}
+    results: dict[int, dict[str, Any]] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="surgeon-queue-"))
+    while queue or running:
+        while queue and free:
+            i, cfg = queue.popleft()
+            slot = free.pop(0)
+            cfg_file = tmp / f"{i}.json"
+            cfg_file.write_text(json.dumps(cfg.to_dict()))
+            log = open(out / f".{cfg.name}.log", "w")  # noqa: SIM115 (closed when the run ends)
+            cmd = [
+                sys.executable,
+                "-m",
+                "surgeon",
+                "train",
+                "--config",
+                str(cfg_file),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+            proc = subprocess.Popen(
+                cmd, env={**os.environ, **envs[slot]}, stdout=log, stderr=subprocess.STDOUT
+            )
+            running[i] = (proc, slot, cfg, Path(log.name))
+            log.close()
+        for i, (proc, slot, cfg, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[i]
+            free.append(slot)
+            summary_file = out / cfg.name / "summary.json"
+            if summary_file.is_file():
+                results[i] = json.loads(summary_file.read_text())
+            else:
+                tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
+                results[i] = _failed(
+                    cfg,
+                    f"exit code {proc.returncode}: {tail[0] if tail else 'no output'}",
+                    out / cfg.name,
+                )
+            if on_done:
+                on_done(results[i])
+            write_results(out, recipe_name, [results[k] for k in sorted(results)])
+        time.sleep(poll_s)
+    return [results[i] for i in range(len(configs))]
