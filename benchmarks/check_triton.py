@@ -4,6 +4,7 @@ an fp64 reference, then the overhead benchmark's CUDA configuration.
     PYTHONPATH=. python benchmarks/check_triton.py                  # on a CUDA machine
     PYTHONPATH=. python benchmarks/check_triton.py --device cpu     # Triton's interpreter, small shapes
     PYTHONPATH=. python benchmarks/check_triton.py --no-bench       # the comparisons only
+    PYTHONPATH=. python benchmarks/check_triton.py --device cpu --quick   # a subset (tests)
 
 For every shift x scale mode pair, with and without the merged ReLU, fp32 and bf16, and the
 layouts NCHW, channels-last, (N, C), (N, L, C) and (N, H, W, C) with channel dim 3, it
@@ -82,14 +83,23 @@ def reduce_abs(t: torch.Tensor, mode: str, cd: int) -> torch.Tensor:
     return fused._reduce(t.abs(), mode, cd, t)
 
 
-def check(device: str, big: bool) -> bool:
+QUICK_PAIRS = [
+    ("layer", "channel"), ("channel", "element"), ("element", "layer"),
+    ("channel", "channel"), ("none", "element"), ("layer", "none"),
+]  # fmt: skip
+
+
+def check(device: str, big: bool, quick: bool = False) -> bool:
     torch.manual_seed(0)
     pairs = [(s, c) for s in MODES for c in MODES if (s, c) != ("none", "none")]
+    cases = layouts(big)
+    if quick:
+        pairs, cases = QUICK_PAIRS, [c for c in cases if c[0] in ("channels_last", "nlc", "nc")]
     worst: dict[tuple[str, str], float] = {}
     failures, n = 0, 0
     t0 = time.perf_counter()
     for (name, shape, cd, mf), (sh, sc), relu, dt in itertools.product(
-        layouts(big), pairs, (False, True), (torch.float32, torch.bfloat16)
+        cases, pairs, (False, True), (torch.float32, torch.bfloat16)
     ):
         x = torch.randn(shape, device=device).to(dt)
         g = torch.randn(shape, device=device).to(dt)
@@ -180,6 +190,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for Triton's interpreter")
     ap.add_argument("--no-bench", action="store_true", help="skip the overhead benchmark")
+    ap.add_argument("--quick", action="store_true", help="a subset of modes and layouts")
     ap.add_argument("--bench-args", default="", help="extra arguments for overhead.py")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -190,8 +201,8 @@ def main() -> int:
         return 2
     print(f"torch {torch.__version__}, triton {fused._triton().triton.__version__}, ", end="")
     print(torch.cuda.get_device_name() if args.device == "cuda" else "interpreter on CPU")
-    ok = check(args.device, big=False)
-    if args.device == "cuda":
+    ok = check(args.device, big=False, quick=args.quick)
+    if args.device == "cuda" and not args.quick:
         ok = check(args.device, big=True) and ok
         micro(args.device)
     if args.device == "cuda" and not args.no_bench:

@@ -10,6 +10,8 @@ from surgeon.errors import SurgeonError
 
 from .common import debug, report_error
 from .insert import insert_command
+from .inspect import inspect_params_command
+from .report import report_command
 from .train import train_command
 
 app = typer.Typer(
@@ -21,6 +23,8 @@ app = typer.Typer(
 )
 app.command("insert")(insert_command)
 app.command("train")(train_command)
+app.command("inspect-params")(inspect_params_command)
+app.command("report")(report_command)
 
 
 @app.callback()

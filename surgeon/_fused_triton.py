@@ -59,7 +59,7 @@ def _bwd_tile(
 ):  # fmt: skip
     """Write ``grad_x`` for one tile; return its scale- and shift-gradient terms."""
     g = tl.load(g_ptr + f, mask=m, other=0.0).to(tl.float32)
-    if SCALE != 0:
+    if SCALE != 0:  # noqa: SIM108 (a constexpr branch, not a runtime select)
         ga = g * _param(a_ptr, f, m, SCALE, s_c, C, S)
     else:
         ga = g
@@ -110,11 +110,11 @@ def _bwd_rows_kernel(
 
 @triton.jit
 def _bwd_cols_kernel(
-    g_ptr, x_ptr, gx_ptr, b_ptr, a_ptr, pa_ptr, pb_ptr, O, K, O_PER, s_c, C, S,
+    g_ptr, x_ptr, gx_ptr, b_ptr, a_ptr, pa_ptr, pb_ptr, n_outer, K, O_PER, s_c, C, S,
     SHIFT: tl.constexpr, SCALE: tl.constexpr, RELU: tl.constexpr, NEED_GX: tl.constexpr,
     NEED_GA: tl.constexpr, NEED_GB: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """An ``[O, K]`` view: program ``(k block, o chunk)`` sums ``O_PER`` rows per column."""
+    """An ``[n_outer, K]`` view: program ``(k block, o chunk)`` sums ``O_PER`` rows per column."""
     ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = ks < K
     o_start = tl.program_id(1) * O_PER
@@ -122,7 +122,7 @@ def _bwd_cols_kernel(
     acc_b = tl.zeros([BLOCK_O, BLOCK_K], dtype=tl.float32)
     for o0 in range(0, O_PER, BLOCK_O):
         rows = o_start + o0 + tl.arange(0, BLOCK_O)
-        m = (rows < O)[:, None] & kmask[None, :]
+        m = (rows < n_outer)[:, None] & kmask[None, :]
         f = rows[:, None] * K + ks[None, :]
         ca, cb = _bwd_tile(
             g_ptr, x_ptr, gx_ptr, b_ptr, a_ptr, f, m, s_c, C, S,
@@ -281,19 +281,19 @@ def backward(
             bins_b = bins_b[0] if need_gb else None
     else:
         K = C if finest == "channel" else S
-        O = n // K
+        n_outer = n // K
         block_k = next((k for k in (128, 64, 32) if K % k == 0), None)
         if block_k is None:
             block_k = min(triton.next_power_of_2(K), 128)
         block_o = max(1, 2048 // block_k)
         k_blocks = triton.cdiv(K, block_k)
-        chunks = max(1, min(triton.cdiv(O, block_o), programs // k_blocks))
-        o_per = triton.cdiv(triton.cdiv(O, chunks), block_o) * block_o
-        chunks = triton.cdiv(O, o_per)
+        chunks = max(1, min(triton.cdiv(n_outer, block_o), programs // k_blocks))
+        o_per = triton.cdiv(triton.cdiv(n_outer, chunks), block_o) * block_o
+        chunks = triton.cdiv(n_outer, o_per)
         pa = torch.empty((chunks, K) if need_ga else (1,), device=x.device, dtype=torch.float32)
         pb = torch.empty((chunks, K) if need_gb else (1,), device=x.device, dtype=torch.float32)
         _bwd_cols_kernel[(k_blocks, chunks)](
-            g, x, gx, b, a, pa, pb, O, K, o_per, s_c, C, S,
+            g, x, gx, b, a, pa, pb, n_outer, K, o_per, s_c, C, S,
             BLOCK_O=block_o, BLOCK_K=block_k, num_warps=4, **flags,
         )  # fmt: skip
         bins_a = pa.sum(0) if need_ga else None

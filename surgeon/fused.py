@@ -312,6 +312,10 @@ def fuse_relu(model: fx.GraphModule) -> fx.GraphModule:
         _set_submodule(gm, node.target, ReLUShiftScale.from_module(mod))
         node.replace_input_with(relu, src)
         gm.graph.erase_node(relu)
+        if relu.op == "call_module" and not any(
+            n.op == "call_module" and n.target == relu.target for n in gm.graph.nodes
+        ):
+            gm.delete_submodule(relu.target)
     return _finish(gm, model)
 
 

@@ -51,8 +51,8 @@ def _parse_input_size(input_size: Sequence[int] | str | None, model: nn.Module) 
     if input_size is None:
         return default_input_size(model)
     if isinstance(input_size, str):
-        try:
-            input_size = [int(s) for s in input_size.replace("x", ",").split(",") if s.strip()]
+        try:  # "3,32,32" or "3x32x32"
+            input_size = [int(s) for s in input_size.replace("x", ",").split(",")]
         except ValueError:
             raise SurgeryError(
                 f"bad input size {input_size!r}", hint="write C,H,W, e.g. 3,32,32"

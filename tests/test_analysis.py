@@ -312,6 +312,17 @@ def test_trajectories(runs):
         assert s["scale"]["mean"][1] == pytest.approx(first + (last - first) / 3, abs=1e-6)
 
 
+def test_damaged_snapshot_is_left_out(tmp_path):
+    run = make_run(tmp_path, "r", epochs=2)
+    last = run / "snapshots" / "epoch_0002.safetensors"
+    last.write_bytes(last.read_bytes()[:40])  # a run killed while writing it
+    res = analysis.inspect([analysis.load_target(run)], epochs=True)
+    assert res["trajectories"][0]["epochs"] == [0, 1]
+    assert "unreadable snapshot" in res["warnings"][0]
+    with pytest.raises(AnalysisError, match="cannot read"):
+        analysis.load_target(last)
+
+
 def test_incompatible_targets(runs, tmp_path):
     other = make_run(tmp_path, "wide", model_args={**MODEL_ARGS, "hidden": [8, 5]})
     with pytest.raises(AnalysisError, match="different models"):

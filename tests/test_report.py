@@ -214,9 +214,11 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
 
 
 def test_cli_report(recipe, tmp_path, capsys):
-    code, out, err = run_cli(capsys, "report", recipe, "-o", tmp_path / "r", "--target-err", "0.4")
+    runs = [recipe / "batchnorm_lr0.04_s0", recipe / "shift-channel+scale-channel_lr0.04_s0"]
+    code, out, err = run_cli(capsys, "report", *runs, "-o", tmp_path / "r", "--target-err", "0.4")
     assert code == 0, err
     assert "batchnorm_lr0.04_s0" in out and "diverged" in out and "index.md" in out
+    assert "target error 40.00% (given)" in out
     assert (tmp_path / "r" / "index.html").is_file()
     code, out, err = run_cli(capsys, "report", recipe / "plain_lr0.02_s0", "-o", tmp_path / "j", "--json")  # fmt: skip
     assert code == 0, err

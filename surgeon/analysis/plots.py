@@ -23,10 +23,11 @@ def figure(
     nrows: int = 1,
     ncols: int = 1,
     size: tuple[float, float] = (7.0, 4.0),
-    layout: str | None = "constrained",
+    layout: str | None = None,
 ):
-    """A figure on an Agg canvas and its axes (always a flat list). ``layout=None`` skips
-    the (slow) layout engine: the caller places the axes with ``subplots_adjust``."""
+    """A figure on an Agg canvas and its axes (always a flat list). By default no layout
+    engine runs (they cost about a second per figure): callers place the axes with
+    ``subplots_adjust``, sizing margins from the tick-label lengths."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -55,9 +56,17 @@ def colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def _site_ticks(ax, names: list[str]) -> None:
+def label_inches(names: list[str], fontsize: float = 7) -> float:
+    """Height taken by ``names`` as x tick labels rotated by 60 degrees, in inches."""
+    longest = max((len(n) for n in names), default=1)
+    return 0.8 * longest * fontsize * 0.6 / 72 + 0.35
+
+
+def _site_ticks(ax, names: list[str], show: bool = True) -> None:
     ax.set_xticks(range(len(names)))
-    if len(names) <= 40:
+    if not show:
+        ax.set_xticklabels([])
+    elif len(names) <= 40:
         ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
     else:
         ax.set_xticklabels([n if i % max(1, len(names) // 20) == 0 else "" for i, n in enumerate(names)], rotation=60, ha="right", fontsize=6)  # fmt: skip
@@ -77,7 +86,10 @@ def plot_depth(result: dict[str, Any], path: Path) -> Path:
     """Mean of each site's shift and scale against depth (min-max band), one line per target."""
     names = [s["name"] for s in result["sites"]]
     width = max(6.0, min(20.0, 0.35 * len(names) + 3))
-    fig, axes = figure(2, 1, (width, 6.5))
+    bottom = label_inches(names)
+    height = 5.8 + bottom
+    fig, axes = figure(2, 1, (width, height))
+    fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, top=1 - 0.4 / height, bottom=bottom / height, hspace=0.12)  # fmt: skip
     series = per_target(result)
     palette = colors(len(series))
     x = list(range(len(names)))
@@ -98,7 +110,7 @@ def plot_depth(result: dict[str, Any], path: Path) -> Path:
             ax.text(
                 0.5, 0.5, f"no {name} parameters", ha="center", va="center", transform=ax.transAxes
             )
-        _site_ticks(ax, names)
+        _site_ticks(ax, names, show=ax is axes[-1])  # both panels show the same sites
         ax.grid(alpha=0.3)
     axes[0].set_title("learned values by depth (line: mean, band: min to max)")
     if len(series) > 1 or series[0][0]:
@@ -117,9 +129,11 @@ def plot_trajectory(traj: dict[str, Any], path: Path) -> Path:
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
+    from matplotlib.ticker import MaxNLocator
 
     sites, epochs = traj["sites"], traj["epochs"]
     fig, axes = figure(2, 1, (7.5, 6.5))
+    fig.subplots_adjust(left=0.11, right=0.97, top=0.94, bottom=0.08, hspace=0.15)
     cmap = colormaps["viridis"]
     norm = Normalize(0, max(len(sites) - 1, 1))
     band = len(sites) <= MAX_BAND_SITES
@@ -137,6 +151,9 @@ def plot_trajectory(traj: dict[str, Any], path: Path) -> Path:
                 ax.fill_between(epochs, lo, hi, color=color, alpha=0.1, linewidth=0)
         ax.axhline(IDENTITY[name], color="grey", linestyle="--", linewidth=0.8)
         ax.set_ylabel(f"{name} (mean)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if epochs:
+            ax.set_xlim(min(epochs) - 0.2, max(epochs) + 0.2)
         ax.grid(alpha=0.3)
         if all(s[name] is None for s in sites):
             ax.text(
@@ -167,7 +184,9 @@ def plot_histograms(target: Target, folder: Path) -> list[Path]:
             continue
         ncols = min(6, len(sites))
         nrows = math.ceil(len(sites) / ncols)
-        fig, axes = figure(nrows, ncols, (2.4 * ncols + 0.5, 2.0 * nrows + 0.8))
+        size = (2.4 * ncols + 0.5, 2.0 * nrows + 0.8)
+        fig, axes = figure(nrows, ncols, size)
+        fig.subplots_adjust(left=0.35 / size[0], right=1 - 0.15 / size[0], top=1 - 0.6 / size[1], bottom=0.35 / size[1], wspace=0.35, hspace=0.55)  # fmt: skip
         for ax, site in zip(axes, sites):
             values = target.param(site, name).double().flatten()
             values = values[values.isfinite()].numpy()

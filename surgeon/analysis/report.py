@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import write_json_atomic
-from .plots import colors, figure, save, slug
+from .plots import colors, figure, label_inches, save, slug
 from .runs import Run, load_runs
 from .stats import jsonable
 
@@ -144,7 +144,7 @@ def _series(values: list[Any]) -> list[float]:
 
 def plot_loss(runs: list[Run], palette: dict[str, Any], path: Path) -> Path:
     """EMA training loss per step, one colour per variant, epoch ends as vertical lines."""
-    fig, (ax,) = figure(1, 1, (9, 4.8), layout=None)
+    fig, (ax,) = figure(1, 1, (9, 4.8))
     fig.subplots_adjust(left=0.07, right=0.98, top=0.93, bottom=0.1)
     emas = {r.ema for r in runs}
     shared_ema = emas.pop() if len(emas) == 1 else None
@@ -205,7 +205,7 @@ def plot_val_err(
     are averaged with a min-max band."""
     from matplotlib.ticker import MaxNLocator
 
-    fig, (ax,) = figure(1, 1, (9, 4.8), layout=None)
+    fig, (ax,) = figure(1, 1, (9, 4.8))
     fig.subplots_adjust(left=0.07, right=0.98, top=0.93, bottom=0.1)
     for variant, rs in _by_variant(runs).items():
         color = palette[variant]
@@ -269,6 +269,19 @@ def _probe_values(rs: list[Run], which: str, sites: list[str], metric: str) -> l
     return [sum(acc[s]) / len(acc[s]) if acc[s] else math.nan for s in sites]
 
 
+def _epoch_label(runs: list[Run], which: str) -> str:
+    """``epoch 0 (init)`` / ``epoch 3`` when all runs agree, else ``first/last probed epoch``."""
+    picked = set()
+    for r in runs:
+        epochs = sorted({p["epoch"] for p in r.probes if p.get("epoch") is not None})
+        if epochs:
+            picked.add(epochs[0] if which == "first" else epochs[-1])
+    if len(picked) != 1:
+        return f"{which} probed epoch"
+    (epoch,) = picked
+    return "epoch 0 (init)" if epoch == 0 else f"epoch {epoch}"
+
+
 def plot_probes(runs: list[Run], palette: dict[str, Any], path: Path) -> Path | None:
     """Activation mean/std and gradient norms before/after each site, by depth; one line
     per variant; top row the first probed epoch, bottom row the last."""
@@ -279,9 +292,9 @@ def plot_probes(runs: list[Run], palette: dict[str, Any], path: Path) -> Path | 
         return None
     sites = _site_order(probed)
     width = max(12.0, min(24.0, 0.5 * len(sites) * 4))
-    label_in = 0.045 * max(len(s) for s in sites) + 0.4  # rotated tick labels, in inches
+    label_in = label_inches(sites, fontsize=6)
     height = 6.5 + label_in
-    fig, axes = figure(2, 4, (width, height), layout=None)
+    fig, axes = figure(2, 4, (width, height))
     fig.subplots_adjust(left=0.05, right=0.99, top=1 - 0.6 / height, bottom=label_in / height, wspace=0.35, hspace=0.25)  # fmt: skip
     x = list(range(len(sites)))
     for row, which in enumerate(("first", "last")):
@@ -301,7 +314,7 @@ def plot_probes(runs: list[Run], palette: dict[str, Any], path: Path) -> Path | 
                 ax.yaxis.set_minor_formatter(
                     LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4))
                 )
-            ax.set_title(f"{metric} ({which} probed epoch)", fontsize=9)
+            ax.set_title(f"{metric} ({_epoch_label(probed, which)})", fontsize=9)
             ax.set_xticks(x)
             if row == 1:  # both rows show the same sites: label the bottom one
                 ax.set_xticklabels(sites, rotation=60, ha="right", fontsize=6)
@@ -459,7 +472,7 @@ def build_report(
 _SECTIONS = (
     ("loss", "Training loss per step", "EMA of the per-step training loss (coefficient in the legend; faint lines are the raw loss). Dotted vertical lines mark the end of each epoch: the saw-tooth in the raw loss lines up with them."),
     ("val_err", "Error per epoch", "Validation error (solid) and training error (dotted) per epoch, one line per variant; several seeds are averaged, with a min-max band."),
-    ("probes", "Probes: activations and gradients by depth", "Per-site activation mean and std, and the gradient norms of the weights before and after each site, at the first and the last probed epoch."),
+    ("probes", "Probes: activations and gradients by depth", "Per-site activation mean and std, and the gradient norms of the weights before and after each site, at the first probed epoch (epoch 0 is the init, before any step) and the last."),
 )  # fmt: skip
 
 

@@ -344,9 +344,13 @@ def trajectory(target: Target) -> dict[str, Any] | None:
         for name in PARAMS:
             entry[name] = None if target.param(site, name) is None else {k: [] for k in keys}
         sites.append(entry)
-    epochs = []
+    epochs, skipped = [], []
     for epoch, file in snaps:
-        params = read_params(file, target.sites)
+        try:
+            params = read_params(file, target.sites)
+        except AnalysisError:  # a snapshot being written, or damaged: leave it out
+            skipped.append(str(file))
+            continue
         epochs.append(epoch)
         for entry, site in zip(sites, target.sites):
             for name in PARAMS:
@@ -356,7 +360,10 @@ def trajectory(target: Target) -> dict[str, Any] | None:
                 st = tensor_stats(t) if t is not None else dict.fromkeys(keys)
                 for k in keys:
                     entry[name][k].append(st[k])
-    return {"target": target.label, "epochs": epochs, "sites": sites}
+    out = {"target": target.label, "epochs": epochs, "sites": sites}
+    if skipped:
+        out["skipped"] = skipped
+    return out
 
 
 def inspect(targets: list[Target], *, epochs: bool = False) -> dict[str, Any]:
@@ -379,9 +386,17 @@ def inspect(targets: list[Target], *, epochs: bool = False) -> dict[str, Any]:
                 hint="trajectories come from RUN/snapshots/, which `surgeon train` writes",
             )
         out["trajectories"] = [tr for tr in trajs if tr is not None]
+        warnings = [
+            f"unreadable snapshot left out: {f}"
+            for tr in trajs
+            if tr
+            for f in tr.get("skipped", [])
+        ]
         missing = [t.label for t, tr in zip(targets, trajs) if tr is None]
         if missing:
-            out["warnings"] = [f"no snapshots for {', '.join(missing)}"]
+            warnings.append(f"no snapshots for {', '.join(missing)}")
+        if warnings:
+            out["warnings"] = warnings
     return out
 
 

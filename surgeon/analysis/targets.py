@@ -193,7 +193,7 @@ def read_params(weights: Path, sites: list[dict[str, Any]]) -> dict[str, torch.T
                         found = by_suffix[key][0]
                     if found is not None:
                         out[key] = f.get_tensor(found).float()
-    except (OSError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # safetensors' SafetensorError, OSError...
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise AnalysisError(
             f"cannot read {weights}: {text}", hint="is it a complete .safetensors file?"

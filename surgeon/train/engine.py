@@ -278,7 +278,10 @@ class Trainer:
             return
         keep = []
         for line in path.read_text().splitlines():
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by the kill
+                continue
             if (row["type"] == "step" and row["step"] <= step) or (
                 row["type"] != "step" and row["epoch"] <= epoch
             ):
@@ -389,6 +392,8 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         self._prepare_folder()
+        if not self.resume:  # dropout draws depend on the seed alone, not on earlier runs
+            torch.manual_seed(cfg.seed)
         st = self.state
         accum = cfg.accum_steps
         self.reporter.start(cfg.name, cfg.epochs, self.steps_per_epoch, st.epoch, st.step)

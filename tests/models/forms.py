@@ -194,6 +194,7 @@ class SqueezeExcite(nn.Module):
         self.conv, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
         self.reduce, self.expand = nn.Conv2d(8, 2, 1), nn.Conv2d(2, 8, 1)
         self.fc = nn.Linear(8, 2)
+        nn.init.constant_(self.reduce.bias, 1.0)  # keeps the 2-channel ReLU alive
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.conv(x))
