@@ -282,9 +282,8 @@ def backward(
     else:
         K = C if finest == "channel" else S
         n_outer = n // K
-        block_k = next((k for k in (128, 64, 32) if K % k == 0), None)
-        if block_k is None:
-            block_k = min(triton.next_power_of_2(K), 128)
+        # whole rows when they are short (one contiguous span per tile), else 128 columns
+        block_k = triton.next_power_of_2(K) if K <= 256 else 128
         block_o = max(1, 2048 // block_k)
         k_blocks = triton.cdiv(K, block_k)
         chunks = max(1, min(triton.cdiv(n_outer, block_o), programs // k_blocks))

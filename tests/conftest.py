@@ -33,6 +33,12 @@ def forms() -> ModuleType:
 
 
 @pytest.fixture
+def seeded() -> None:
+    """Seed torch's global RNG so random inits and inputs repeat from run to run."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture
 def one_thread() -> Iterator[None]:
     """Run torch on one CPU thread (the CI box is small and shared), then restore."""
     n = torch.get_num_threads()

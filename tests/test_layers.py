@@ -22,6 +22,8 @@ LAYOUTS = {
     "NHWC": ((5, 6, 4), 3, 4),
 }
 
+pytestmark = pytest.mark.usefixtures("seeded", "one_thread")
+
 
 def expected_param_shape(mode: str, sample: tuple[int, ...], cdim: int) -> tuple[int, ...]:
     return {"none": (), "layer": (), "element": sample, "channel": (sample[cdim - 1],)}[mode]

@@ -16,6 +16,7 @@ from surgeon import ShiftScale, SurgeonError
 from surgeon.layers import MODES
 
 COMBOS = list(itertools.product(MODES, MODES))
+pytestmark = pytest.mark.usefixtures("seeded", "one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,6 @@ def _check_identity_and_grads(model, max_abs_diff, params_without_grad, shift, s
     return gm
 
 
-@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(("shift", "scale"), COMBOS)
 def test_allconv_all_16_combinations(allconv, max_abs_diff, params_without_grad, shift, scale):
     """Identity at init (max |Δ| == 0 exactly, fp32, eval mode) and a non-zero gradient on
@@ -51,7 +51,6 @@ def test_allconv_all_16_combinations(allconv, max_abs_diff, params_without_grad,
         assert len(surgeon.inserted_modules(gm)) == 9
 
 
-@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(("shift", "scale"), COMBOS)
 def test_mlp_all_16_combinations(mlp, max_abs_diff, params_without_grad, shift, scale):
     x = torch.randn(4, 3, 8, 8)
@@ -65,7 +64,7 @@ def test_hand_written_all_16_combinations(
 ):
     """Channels-last (N,H,W,C), tokens (N,L,C), gates and branches, all 16 combinations."""
     model = getattr(forms, name)()
-    x = torch.randn(3, *model.input_size)
+    x = torch.randn(8, *model.input_size)
     _check_identity_and_grads(model, max_abs_diff, params_without_grad, shift, scale, (x,))
 
 
@@ -77,7 +76,7 @@ def test_every_form_is_identity_with_gradients(
     forms, max_abs_diff, params_without_grad, name, shift, scale
 ):
     model = getattr(forms, name)()
-    x = torch.randn(3, *model.input_size)
+    x = torch.randn(8, *model.input_size)
     _check_identity_and_grads(model, max_abs_diff, params_without_grad, shift, scale, (x,))
 
 

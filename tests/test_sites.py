@@ -22,6 +22,8 @@ ALLCONV_SITES = [
     ("features_17", "activation", "nn.ReLU", (-1, 192, 6, 6)),
 ]
 
+pytestmark = pytest.mark.usefixtures("seeded", "one_thread")
+
 
 def table(sites) -> list[tuple]:
     return [(s.name, s.kind, s.target, s.shape) for s in sites]

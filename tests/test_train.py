@@ -593,7 +593,7 @@ def test_divergence_before_any_checkpoint_keeps_the_init(data, tmp_path):
     summary = Trainer(cfg, tmp_path / "run", data=data).run()
     assert summary["status"] == "diverged" and summary["epochs_run"] == 0
     init = surgered(cfg).state_dict()
-    assert_same_tensors(weights(tmp_path / "run"), {k: v for k, v in init.items()})
+    assert_same_tensors(weights(tmp_path / "run"), dict(init))
 
 
 def test_divergence_does_not_stop_the_other_runs(tmp_path):

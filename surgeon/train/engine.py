@@ -563,4 +563,7 @@ def resume(run: str | Path, **kwargs: Any) -> dict[str, Any]:
     overrides = kwargs.pop("overrides", {})
     if overrides:
         cfg = cfg.replace(**overrides)
-    return Trainer(cfg, run, resume=True, **kwargs).run()
+    trainer = Trainer(cfg, run, resume=True, **kwargs)
+    if overrides and trainer.main:  # e.g. --epochs extended the run: the folder says so
+        write_json_atomic(run / "config.json", {**cfg.to_dict(), "world_size": trainer.dist.world_size})
+    return trainer.run()
