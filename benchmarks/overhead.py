@@ -128,7 +128,8 @@ class Runner:
         self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - before) / 2**20
 
 
-def run(args) -> dict:
+def run(args, save=lambda report: None) -> dict:
+    """Measure; ``save(report)`` after each phase (eager, compiled) so a timeout keeps the first."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32, device=device)
@@ -174,6 +175,11 @@ def run(args) -> dict:
                 }
             )
         del runners
+        save(_report(args, device, results))
+    return _report(args, device, results)
+
+
+def _report(args, device: torch.device, results: list[dict]) -> dict:
     return {
         "benchmark": "overhead",
         "device": device.type,
@@ -264,14 +270,17 @@ def main() -> None:
         torch.set_num_threads(args.threads or 1)
     if args.only and "plain" not in args.only:
         args.only.append("plain")
-    report = run(args)
-    print(table(report))
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results"
     if not args.out:
         out = out / f"overhead_{torch.device(args.device).type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+
+    def save(report: dict) -> None:
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(table(report), flush=True)
+        print(f"wrote {out}", flush=True)
+
+    run(args, save)
 
 
 if __name__ == "__main__":

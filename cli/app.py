@@ -9,8 +9,10 @@ import typer
 from surgeon.errors import SurgeonError
 
 from .common import debug, report_error
+from .fold import fold_command
 from .insert import insert_command
 from .inspect import inspect_params_command
+from .online import online_command
 from .report import report_command
 from .train import train_command
 
@@ -25,6 +27,8 @@ app.command("insert")(insert_command)
 app.command("train")(train_command)
 app.command("inspect-params")(inspect_params_command)
 app.command("report")(report_command)
+app.command("fold")(fold_command)
+app.command("online")(online_command)
 
 
 @app.callback()

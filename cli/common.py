@@ -20,9 +20,10 @@ def fail(message: str, hint: str | None = None) -> NoReturn:
 
 
 def report_error(exc: SurgeonError) -> int:
-    text = exc.message.rstrip(".")
-    line = f"error: {text}" + (f". hint: {exc.hint}" if exc.hint else "")
-    print(line, file=sys.stderr)
+    """Print ``error: MESSAGE. hint: HINT`` as exactly one line on stderr; return 2."""
+    text = " ".join(exc.message.split()).rstrip(".")
+    hint = " ".join(exc.hint.split()) if exc.hint else ""
+    print(f"error: {text}" + (f". hint: {hint}" if hint else ""), file=sys.stderr)
     return 2
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -49,28 +50,74 @@ def insert_command(
     as_json: Annotated[
         bool, typer.Option("--json", help="print one JSON object on stdout instead of tables")
     ] = False,
+    replace_norm: Annotated[
+        bool,
+        typer.Option(
+            "--replace-norm",
+            help="first replace every BatchNorm by a channel shift/scale equal to it in eval mode",
+        ),
+    ] = False,
+    fallback: Annotated[
+        str,
+        typer.Option(
+            help="when torch.fx cannot trace MODEL: auto (insert at module level, with a "
+            "warning), eager (always module level) or never (fail)"
+        ),
+    ] = "auto",
 ) -> None:
     """Insert shift/scale modules into MODEL and report the sites."""
     surgeon.layers.check_mode(shift, "shift mode")
     surgeon.layers.check_mode(scale, "scale mode")
     base = surgeon.build_model(model, parse_model_args(model_arg))
-    gm = surgeon.insert(
-        base, shift, scale, include=include, exclude=exclude, input_size=input_size, leaf=leaf
-    )
+    replaced = None
+    if replace_norm:
+        base, replaced = _replace_norm(base, input_size, leaf)
+    with warnings.catch_warnings():  # the eager-fallback warning is printed below, once
+        warnings.simplefilter("ignore", UserWarning)
+        gm = surgeon.insert(
+            base, shift, scale, include=include, exclude=exclude, input_size=input_size,
+            leaf=leaf, fallback=fallback,
+        )  # fmt: skip
     summary = insertion_summary(base, gm, spec=model, shift=shift, scale=scale)
+    if replaced is not None:
+        summary["replace_norm"] = replaced
     if output is not None:
         surgeon.save(gm, output)
-    if not summary["sites"]:
+    if replaced is not None and not replaced["replaced"]:
+        err_console.print("[yellow]warning:[/] --replace-norm: the model has no BatchNorm")
+    for skip in (replaced or {}).get("skipped", []):
+        err_console.print(
+            f"[yellow]warning:[/] kept {escape(skip['module'])}: {escape(skip['reason'])}"
+        )
+    if not summary["sites"] and not (replaced and shift == scale == "none"):
         why = "both modes are none" if shift == scale == "none" else "no sites found"
         err_console.print(f"[yellow]warning:[/] {why}: nothing was inserted")
-    for warning in gm.surgeon_record.get("warnings", []):
-        err_console.print(f"[yellow]warning:[/] {escape(warning)}")
+    for warning in gm.surgeon_record.get("warnings", []):  # one line each, never wrapped
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     if as_json:
         print(json.dumps(summary))
         return
     _print_table(summary)
+    if replaced is not None:
+        console.print(
+            f"replaced {len(replaced['replaced'])} BatchNorm layer(s) by channel shift/scale; "
+            f"max |Δoutput| in eval mode: {replaced['max_abs_diff']:.3g}"
+        )
     if output is not None:
         console.print(f"saved to [bold]{output}[/] (surgery.json, model.safetensors, model_fx.py)")
+
+
+def _replace_norm(base, input_size: str | None, leaf: list[str]) -> tuple[torch.nn.Module, dict]:
+    """``surgeon.replace_norm`` and what it did, with max |Δoutput| in eval mode."""
+    from surgeon.passes import _parse_input_size
+    from surgeon.report_insert import max_abs_diff_at_init
+    from surgeon.shapes import example_inputs_for
+
+    rn = surgeon.replace_norm(base, input_size=input_size, leaf=leaf)
+    inputs = example_inputs_for(_parse_input_size(input_size, base))
+    info = dict(rn.surgeon_record["replace_norm"])
+    info["max_abs_diff"] = max_abs_diff_at_init(base, rn, inputs)
+    return rn, info
 
 
 def _print_table(summary: dict) -> None:
@@ -98,6 +145,15 @@ def _print_table(summary: dict) -> None:
         f"({pct:.4f}% of {summary['params_model']:,}); max |Δoutput| at init: {diff:g}"
         + (" [green](identity)[/]" if diff == 0 else " [red](not identity)[/]")
     )
+    method = summary.get("method", "fx")
+    how = {"fx": "the FX graph", "hybrid": "the FX graph + activation modules inside leaves",
+           "eager": "activation modules only, no graph"}.get(method, method)  # fmt: skip
+    console.print(f"method: {method} ({how})")
+    for u in summary.get("unreached", []):
+        console.print(
+            f"[yellow]unreached:[/] {escape(u['target'])} x{u['calls']} at {escape(u['name'])}: "
+            f"{escape(u['reason'])}"
+        )
 
 
 __all__ = ["insert_command", "torch"]

@@ -161,23 +161,70 @@ class _Context:
 @dataclass
 class _Target:
     node: fx.Node  # the layer that absorbs the affine map
-    flatten: bool  # a Flatten lies in between (the map is reshaped to a vector)
+    flat_shape: tuple[int, ...] | None  # the sample shape a Flatten in between flattened
+
+
+_ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_ADAPTIVE_POOL_FNS = {
+    torch.nn.functional.adaptive_avg_pool1d,
+    torch.nn.functional.adaptive_avg_pool2d,
+    torch.nn.functional.adaptive_avg_pool3d,
+}
+_AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+
+
+def _average_kind(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    """For a node that averages over positions per channel: ``"exact"``, or ``"zeros"`` when
+    padding zeros (or a divisor override) enter the average; else None."""
+    mod = _module(gm, node)
+    if isinstance(mod, _ADAPTIVE_POOLS):
+        return "exact"
+    if isinstance(mod, _AVG_POOLS) and type(mod).forward in {c.forward for c in _AVG_POOLS}:
+        pad = mod.padding if isinstance(mod.padding, tuple) else (mod.padding,)
+        padded = any(p > 0 for p in pad) and mod.count_include_pad
+        return "zeros" if padded or getattr(mod, "divisor_override", None) else "exact"
+    if node.op == "call_function" and node.target in _ADAPTIVE_POOL_FNS:
+        return "exact"
+    if (node.op == "call_function" and node.target is torch.mean) or (
+        node.op == "call_method" and node.target == "mean"
+    ):
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        dims = (dims,) if isinstance(dims, int) else dims
+        rank = len(shapes.node_shape(node.args[0]) or ())
+        ok = isinstance(dims, (tuple, list)) and dims and all(isinstance(d, int) for d in dims)
+        if ok and all((d + rank if d < 0 else d) >= 2 for d in dims) and "dtype" not in node.kwargs:
+            return "exact"
+    return None
 
 
 def _following(ctx: _Context, node: fx.Node, ss: ShiftScale) -> tuple[list[_Target], str, str]:
     """Layers that can absorb the module's map from after it: ``(targets, scale_block,
     shift_block)``; a block is a reason (``""`` when nothing blocks)."""
-    gm, vary = ctx.gm, _varying_dims(ss)
+    gm = ctx.gm
     targets: list[_Target] = []
     scale_block, shift_block = "", ""
 
-    def walk(n: fx.Node, vary: set[int], flat: bool, dropout: bool) -> None:
+    def walk(n: fx.Node, vary: set[int], flat: tuple[int, ...] | None, dropout: bool) -> None:
         nonlocal scale_block, shift_block
+        shape = shapes.node_shape(n) or ()
+        rank = len(shape)
         for user in n.users:
             mod = _module(gm, user)
-            rank = len(shapes.node_shape(n) or ())
             if isinstance(mod, (nn.Identity, *_DROPOUTS)):
                 walk(user, vary, flat, dropout or isinstance(mod, _DROPOUTS))
+                continue
+            avg = _average_kind(user, gm)
+            if avg is not None:
+                if not vary <= {1} or flat is not None:
+                    scale_block = scale_block or (
+                        f"used by {user.name}, which averages over positions the map varies along"
+                    )
+                    continue
+                if avg == "zeros":
+                    shift_block = shift_block or (
+                        f"{user.name} averages in padding zeros: a shift is not exact at the borders"
+                    )
+                walk(user, vary, flat, dropout)
                 continue
             fa = _flatten_args(user, gm)
             if fa is not None:
@@ -185,14 +232,17 @@ def _following(ctx: _Context, node: fx.Node, ss: ShiftScale) -> tuple[list[_Targ
                 if start != 1 or end != rank - 1:
                     scale_block = scale_block or f"used by {user.name}, a flatten of dims {fa}"
                     continue
-                walk(user, {1} if vary else set(), flat or rank > 2, dropout)
+                walk(
+                    user,
+                    {1} if vary else set(),
+                    flat or (tuple(shape[1:]) if rank > 2 else None),
+                    dropout,
+                )
                 continue
             if mod is None or not (_is_linear(mod) or _is_conv(mod)):
                 what = type(mod).__name__ if mod is not None else str(user.target)
                 what = getattr(user.target, "__name__", what) if mod is None else what
-                scale_block = (
-                    scale_block or f"used by {user.name} ({what}), not a Linear or conv"
-                )
+                scale_block = scale_block or f"used by {user.name} ({what}), not a Linear or conv"
                 continue
             if user.args[0] is not n or n in user.args[1:] or user.kwargs:
                 scale_block = scale_block or f"{user.name} reads it in an unusual way"
@@ -213,7 +263,7 @@ def _following(ctx: _Context, node: fx.Node, ss: ShiftScale) -> tuple[list[_Targ
                 shift_block = shift_block or "a shift does not commute with dropout in train mode"
             targets.append(_Target(user, flat))
 
-    walk(node, vary, False, False)
+    walk(node, _varying_dims(ss), None, False)
     if not targets and not scale_block:
         scale_block = "its output is not used"
     return targets, scale_block, shift_block
@@ -263,23 +313,32 @@ def _vary_reason(ss: ShiftScale, mod: nn.Module, name: str) -> str:
     if element and _is_conv(mod):
         return f"the element mode varies per position; the conv {name} shares its weights over positions"
     what = "element" if element else "channel"
-    return f"the {what} mode varies along a dim that {name} ({type(mod).__name__}) does not keep apart"
+    return (
+        f"the {what} mode varies along a dim that {name} ({type(mod).__name__}) does not keep apart"
+    )
 
 
 # ---------------------------------------------------------------- the algebra
 
 
-def _vector(t: torch.Tensor, ss: ShiftScale, n: int, dim: int, flat: bool) -> torch.Tensor:
-    """The map ``t`` (from ``effective_affine``) as an ``(n,)`` vector along ``dim``."""
+def _vector(
+    t: torch.Tensor, ss: ShiftScale, n: int, dim: int, flat: tuple[int, ...] | None
+) -> torch.Tensor:
+    """The map ``t`` (from ``effective_affine``) as an ``(n,)`` vector along ``dim`` of the
+    layer's input, or over the features of a flattened sample of shape ``flat``."""
+    t = t.double()
     if t.dim() == 0:
-        return t.double().expand(n)
-    if t.dim() == 1 and not flat:  # channel mode: already a vector along the channel dim
-        return t.double()
-    full = t if t.shape == torch.Size(ss.feature_shape) else ss._to_sample(t, "channel")
-    full = full.double()
-    if flat:
-        return full.reshape(-1)
-    return full.movedim(dim - 1, -1).reshape(-1, full.shape[dim - 1])[0]
+        return t.expand(n)
+    if flat is None:
+        if t.dim() == 1:  # channel mode (or a 1-D sample): a vector along the channel dim
+            return t
+        return t.movedim(dim - 1, -1).reshape(-1, t.shape[dim - 1])[0]
+    if t.shape == torch.Size(flat):  # element mode, or a 1-D sample
+        return t.reshape(-1)
+    if tuple(flat) == ss.feature_shape:  # a channel vector, flattened with its sample
+        return ss._to_sample(t, "channel").reshape(-1)
+    # a channel vector (channel dim 1) after pooling changed the sample's positions
+    return t.view(-1, *[1] * (len(flat) - 1)).expand(flat).reshape(-1)
 
 
 def _set_bias(mod: nn.Module, value: torch.Tensor) -> None:
@@ -439,9 +498,8 @@ def _fold_one(gm: fx.GraphModule, node: fx.Node, calls: int) -> FoldEntry:
         n, dim = _channels_out(mod), getattr(mod, "channel_dim", 1)
         if _is_linear(mod):
             dim = len(shapes.node_shape(src) or ()) - 1
-        _into_preceding(
-            mod, _vector(a, ss, n, dim, False), _vector(ab, ss, n, dim, False) if has_shift else None
-        )
+        va, vab = _vector(a, ss, n, dim, None), _vector(ab, ss, n, dim, None)
+        _into_preceding(mod, va, vab if has_shift else None)
         _remove(gm, node)
         entry.action, entry.direction, entry.into = "folded", "preceding", [src.target]
         return entry
@@ -461,9 +519,9 @@ def _fold_one(gm: fx.GraphModule, node: fx.Node, calls: int) -> FoldEntry:
         n = _channels_in(mod)
         rank = len(shapes.node_shape(t.node.args[0]) or ())
         dim = rank - 1 if _is_linear(mod) else 1
-        va = _vector(a, ss, n, dim, t.flatten)
+        va = _vector(a, ss, n, dim, t.flat_shape)
         if fold_shift:
-            _into_following(mod, va, _vector(ab, ss, n, dim, t.flatten))
+            _into_following(mod, va, _vector(ab, ss, n, dim, t.flat_shape))
         else:
             _into_following(mod, va, None)
     entry.direction, entry.into = "following", [t.node.target for t in targets]

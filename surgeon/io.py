@@ -100,11 +100,7 @@ def save(model: nn.Module, folder: str | Path) -> Path:
     """
     folder = Path(folder)
     rec = record_of(model)
-    if folder.exists() and any(folder.iterdir()) and not (folder / RECORD_FILE).exists():
-        raise SurgeonError(
-            f"refusing to write into {folder}: it exists and is not a saved model",
-            hint="choose an empty or new folder with -o",
-        )
+    _check_replaceable(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
@@ -119,13 +115,49 @@ def save(model: nn.Module, folder: str | Path) -> Path:
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if isinstance(model, fx.GraphModule):
             (tmp / CODE_FILE).write_text(model.code)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        _move_into_place(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+SAVED_FILES = (RECORD_FILE, WEIGHTS_FILE, CODE_FILE)
+
+
+def _check_replaceable(folder: Path) -> None:
+    """A target folder must be new, empty, or a saved model and nothing else."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise SurgeonError(
+            f"refusing to write into {folder}: it is a file", hint="choose a new folder with -o"
+        )
+    names = {p.name for p in folder.iterdir()}
+    if names and (RECORD_FILE not in names or not names <= set(SAVED_FILES)):
+        raise SurgeonError(
+            f"refusing to write into {folder}: it exists and is not a saved model",
+            hint="choose an empty or new folder with -o",
+        )
+
+
+def _move_into_place(tmp: Path, folder: Path) -> None:
+    """Move the finished folder ``tmp`` to ``folder``; an old saved model there is moved
+    aside first and deleted only once the new one is in place."""
+    if not folder.exists() or not any(folder.iterdir()):
+        if folder.exists():
+            folder.rmdir()
+        os.replace(tmp, folder)
+        return
+    old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))
+    old.rmdir()
+    os.replace(folder, old)
+    try:
+        os.replace(tmp, folder)
+    except BaseException:
+        os.replace(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_record(folder: str | Path) -> dict[str, Any]:
@@ -158,7 +190,19 @@ def rebuild(rec: dict[str, Any]) -> nn.Module:
         if p["name"] == "batchnorm":
             model = insert_batchnorm(model, **opts)
         elif p["name"] == "shift_scale":
+            if p.get("fused"):
+                opts["fused"] = True
+            if p.get("fallback"):  # replay the recorded method: eager, or FX and never eager
+                opts["fallback"] = p["fallback"]
             model = insert(model, p["shift"], p["scale"], **opts)
+        elif p["name"] == "replace_norm":  # shapes from the graph, values from the weights
+            from .replace_norm import replace_norm
+
+            model = replace_norm(model, **opts, from_stats=False)
+        elif p["name"] == "fold":  # the fold's structure depends on the graph alone
+            from .fold import fold
+
+            model, _ = fold(model, input_size=opts.get("input_size"), check=False)
         else:
             raise SurgeonError(
                 f"unknown pass {p['name']!r} in the record", hint="upgrade fx-surgeon"
@@ -174,7 +218,15 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     if not weights.is_file():
         raise SurgeonError(f"{folder} has no {WEIGHTS_FILE}", hint="re-save the model")
     model = rebuild(rec)
-    missing, unexpected = load_model(model, str(weights), strict=True, device=str(device))
+    try:
+        load_model(model, str(weights), strict=True, device=str(device))
+    except (RuntimeError, OSError, ValueError) as exc:  # safetensors' key/shape/format errors
+        text = str(exc).strip()
+        reason = " ".join(text.split())[:300] if text else type(exc).__name__
+        raise SurgeonError(
+            f"{weights} does not fit the rebuilt model: {reason}",
+            hint="the weights were edited or saved by another model; re-save the model",
+        ) from exc
     model.to(device)
     model.train(bool(rec.get("training", False)))
     return model

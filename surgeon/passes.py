@@ -10,16 +10,17 @@ that :func:`surgeon.save` / :func:`surgeon.load` can replay them.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from . import shapes
+from . import eager, modsites, shapes
 from . import sites as sites_mod
-from .errors import SurgeryError
+from .errors import SurgeryError, TraceError
 from .layers import ChannelBatchNorm, ShiftScale, check_mode
 from .models.sources import default_input_size
 from .sites import Site
@@ -27,6 +28,7 @@ from .tracing import resolve_leaf_names, set_preserved, trace
 
 SS_PREFIX = "ss_"
 BN_PREFIX = "bn_"
+FALLBACKS = ("auto", "eager", "never")  # when torch.fx cannot trace: eager if auto, always, never
 
 
 @dataclass
@@ -37,6 +39,9 @@ class Analysis:
     sites: list[Site]
     input_size: tuple[int, ...]
     leaf: list[str]
+    method: str = "fx"  # "hybrid" when leaves hold module-level sites (surgeon.modsites)
+    finals: list[dict] = field(default_factory=list)  # activations that are final: no site
+    unreached: list[dict] = field(default_factory=list)  # activation calls no site reaches
 
 
 def _record(model: nn.Module) -> dict[str, Any]:
@@ -48,8 +53,10 @@ def _record(model: nn.Module) -> dict[str, Any]:
 
 
 def _parse_input_size(input_size: Sequence[int] | str | None, model: nn.Module) -> tuple[int, ...]:
-    if input_size is None:
-        return default_input_size(model)
+    if input_size is None:  # a surgered model keeps the size its passes used
+        rec = getattr(model, "surgeon_record", None) or {}
+        used = [p["input_size"] for p in rec.get("passes", []) if p.get("input_size")]
+        return tuple(used[-1]) if used else default_input_size(model)
     if isinstance(input_size, str):
         try:  # "3,32,32" or "3x32x32"
             input_size = [int(s) for s in input_size.replace("x", ",").split(",")]
@@ -80,9 +87,15 @@ def analyse(
         set_preserved(gm, "surgeon_source", copy.deepcopy(model.surgeon_source))
     if example_inputs is None:
         example_inputs = shapes.example_inputs_for(size)
-    shapes.propagate(gm, example_inputs)
+    found = modsites.propagate_with_leaves(gm, example_inputs, leaf_types)
+    graph_sites = sites_mod.discover(gm)
+    finals, unreached = modsites.graph_leftovers(gm, graph_sites)
+    sites = modsites.merge(gm, graph_sites, found)
+    method = "hybrid" if found.sites else "fx"
     names = [c if isinstance(c, str) else c.__name__ for c in leaf]
-    return Analysis(gm, sites_mod.discover(gm), size, names)
+    return Analysis(
+        gm, sites, size, names, method, finals + found.finals, unreached + found.unreached
+    )
 
 
 def find_sites(
@@ -93,9 +106,25 @@ def find_sites(
     input_size: Sequence[int] | str | None = None,
     example_inputs: Sequence[torch.Tensor] | None = None,
     leaf: Iterable[str | type] = (),
+    fallback: str = "never",
 ) -> list[Site]:
-    """The sites ``insert`` would use, in graph order."""
-    a = analyse(model, input_size=input_size, example_inputs=example_inputs, leaf=leaf)
+    """The sites ``insert`` would use, in graph order.
+
+    Unlike :func:`insert`, an untraceable model raises unless ``fallback`` is ``auto`` or
+    ``eager`` (the sites of the eager fallback).
+    """
+    _check_fallback(fallback)
+    try:
+        if fallback == "eager":
+            raise TraceError("eager insertion was asked for")
+        a = analyse(model, input_size=input_size, example_inputs=example_inputs, leaf=leaf)
+    except TraceError:
+        if fallback == "never":
+            raise
+        size = _parse_input_size(input_size, model)
+        inputs = example_inputs or shapes.example_inputs_for(size)
+        ea = eager.analyse_eager(model, inputs, _user_leaf_types(model, leaf))
+        return sites_mod.select(ea.sites, include, exclude)
     return sites_mod.select(a.sites, include, exclude)
 
 
@@ -156,9 +185,15 @@ def insert(
     example_inputs: Sequence[torch.Tensor] | None = None,
     leaf: Iterable[str | type] = (),
     fused: bool = False,
+    fallback: str = "auto",
 ) -> fx.GraphModule:
     """Insert ``ShiftScale(shift, scale)`` after the model's input and every non-final
     activation. Returns a new GraphModule that computes exactly the same outputs at init.
+
+    Activation modules inside leaf modules get module-level sites (method ``hybrid``,
+    :mod:`surgeon.modsites`). A model torch.fx cannot trace gets module-level sites only
+    (method ``eager``, :mod:`surgeon.eager`): the result is then a copy of the model itself.
+    ``surgeon_record["method"]`` says which: ``fx``, ``hybrid`` or ``eager``.
 
     Args:
         shift, scale: ``none``, ``element``, ``channel`` or ``layer``.
@@ -168,17 +203,32 @@ def insert(
         example_inputs: tensors to propagate instead of a random input of ``input_size``.
         leaf: extra leaf module classes (or class names) for the tracer.
         fused: make the modules use the one-pass op of :mod:`surgeon.fused`.
+        fallback: when torch.fx cannot trace the model: ``auto`` inserts at module level
+            with a warning, ``eager`` always inserts at module level, ``never`` raises.
     """
     check_mode(shift, "shift mode")
     check_mode(scale, "scale mode")
+    _check_fallback(fallback)
     include, exclude = list(include), list(exclude)
     record = _record(model)
-    a = analyse(model, input_size=input_size, example_inputs=example_inputs, leaf=leaf)
+    try:
+        if fallback == "eager":
+            raise TraceError("eager insertion was asked for")
+        a = analyse(model, input_size=input_size, example_inputs=example_inputs, leaf=leaf)
+    except TraceError as exc:
+        if fallback == "never":
+            raise
+        why = None if fallback == "eager" else exc.message
+        opts = dict(include=include, exclude=exclude, input_size=input_size, leaf=leaf)
+        return _insert_eager(model, shift, scale, record, why, example_inputs, fused, **opts)
     chosen = sites_mod.select(a.sites, include, exclude)
     gm, nodes = a.gm, {n.name: n for n in a.gm.graph.nodes}
     device = _device_of(gm)
     if shift != "none" or scale != "none":
         for site in chosen:
+            if site.extra.get("method") == "module":  # inside a leaf: a hook on the module
+                site.module = modsites.insert_module_site(gm, site, shift, scale, fused, device)
+                continue
             site.module = _unique_name(gm, SS_PREFIX + site.name)
             module = ShiftScale(shift, scale, site.feature_shape, site.channel_dim, fused=fused)
             module = module.to(device)
@@ -196,11 +246,74 @@ def insert(
             "leaf": a.leaf,
             "traced_in": "train" if model.training else "eval",
             "fused": bool(fused),
+            "method": a.method,
+            "fallback": "never",  # replayed by surgeon.load: the same method, or an error
         }
     )
     record["sites"] = [s.to_dict() for s in chosen]
+    record.update(method=a.method, finals=a.finals, unreached=a.unreached)
     _warn_mode(gm, record)
     return _finish(gm, record, model.training)
+
+
+def _check_fallback(fallback: str) -> None:
+    if fallback not in FALLBACKS:
+        raise SurgeryError(f"invalid fallback {fallback!r}", hint=f"choose {', '.join(FALLBACKS)}")
+
+
+def _user_leaf_types(model: nn.Module, leaf: Iterable[str | type]) -> list[type]:
+    leaf = list(leaf)
+    types = [c for c in leaf if isinstance(c, type)]
+    return types + resolve_leaf_names(model, [c for c in leaf if isinstance(c, str)])
+
+
+def _insert_eager(
+    model: nn.Module,
+    shift: str,
+    scale: str,
+    record: dict[str, Any],
+    why: str | None,
+    example_inputs: Sequence[torch.Tensor] | None,
+    fused: bool,
+    *,
+    include: list[str],
+    exclude: list[str],
+    input_size: Sequence[int] | str | None,
+    leaf: Iterable[str | type],
+) -> nn.Module:
+    """The eager fallback of :func:`insert`: hooks on a deep copy of ``model``."""
+    leaf = list(leaf)
+    size = _parse_input_size(input_size, model)
+    inputs = example_inputs or shapes.example_inputs_for(size)
+    a = eager.analyse_eager(model, inputs, _user_leaf_types(model, leaf))
+    chosen = sites_mod.select(a.sites, include, exclude)
+    if shift == "none" and scale == "none":
+        chosen = []
+    m = eager.insert_sites(a, chosen, shift, scale, fused)
+    if why is not None:
+        msg = f"{why}; inserted at module level instead (method: eager)"
+        warnings.warn(msg, stacklevel=3)
+        record.setdefault("warnings", []).append(msg)
+    record["passes"].append(
+        {
+            "name": "shift_scale",
+            "shift": shift,
+            "scale": scale,
+            "include": include,
+            "exclude": exclude,
+            "input_size": list(size),
+            "leaf": [c if isinstance(c, str) else c.__name__ for c in leaf],
+            "traced_in": "train" if model.training else "eval",
+            "fused": bool(fused),
+            "method": "eager",
+            "fallback": "eager",
+        }
+    )
+    record["sites"] = [s.to_dict() for s in chosen]
+    record.update(method="eager", finals=a.finals, unreached=a.unreached)
+    m.surgeon_record = record
+    m.train(model.training)
+    return m
 
 
 def insert_batchnorm(
@@ -271,11 +384,19 @@ def inserted_modules(model: nn.Module) -> dict[str, ShiftScale]:
 
 def strip(model: fx.GraphModule) -> fx.GraphModule:
     """Remove the inserted shift/scale modules: the original computation, on a copy."""
-    if not isinstance(model, fx.GraphModule):
+    method = (getattr(model, "surgeon_record", None) or {}).get("method")
+    if not isinstance(model, fx.GraphModule) and method != "eager":
         raise SurgeryError(
             "strip needs a surgered GraphModule", hint="pass the model insert() returned"
         )
     gm = copy.deepcopy(model)
+    modsites.detach_all(gm)  # module-level sites (hybrid and eager)
+    if not isinstance(gm, fx.GraphModule):
+        record = _record(gm)
+        record["passes"] = [p for p in record["passes"] if p["name"] != "shift_scale"]
+        record["sites"] = []
+        gm.surgeon_record = record
+        return gm
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ShiftScale):
             node.replace_all_uses_with(node.args[0])

@@ -82,4 +82,6 @@ def insertion_summary(
         "params_added": added,
         "params_model": params_model,
         "max_abs_diff_at_init": max_abs_diff_at_init(base, gm, inputs),
+        "method": rec.get("method", "fx"),  # fx, hybrid (+ sites inside leaves) or eager
+        "unreached": rec.get("unreached", []),  # activation calls no site reaches, with reasons
     }

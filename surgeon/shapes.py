@@ -9,6 +9,7 @@ in eval mode: shapes do not depend on the mode, and the model's buffers are neve
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -89,8 +90,14 @@ def _on_fake(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with _eval_mode(gm), fake_mode:
-        _ShapeRecorder(gm).run(*(fake_mode.from_tensor(t) for t in inputs))
+    log = logging.getLogger("torch._subclasses.fake_tensor")  # logs each failing op
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        with _eval_mode(gm), fake_mode:
+            _ShapeRecorder(gm).run(*(fake_mode.from_tensor(t) for t in inputs))
+    finally:
+        log.setLevel(level)
 
 
 def _on_real(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:

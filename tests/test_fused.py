@@ -245,6 +245,19 @@ def test_fuse_relu_pass():
     torch.testing.assert_close(surgeon.strip(back)(x), surgeon.strip(gm)(x))
 
 
+def test_save_load_replays_fused(tmp_path):
+    gm = surgeon.insert(
+        surgeon.build_model("allconv", {"width": 0.25}), "channel", "layer", fused=True
+    )
+    merged = fuse_relu(gm)
+    surgeon.save(merged, tmp_path / "m")
+    back = surgeon.load(tmp_path / "m")  # the record replays insert(fused=True), not fuse_relu
+    mods = surgeon.inserted_modules(back)
+    assert len(mods) == 9 and all(m.fused for m in mods.values())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(back.eval()(x), merged.eval()(x))
+
+
 def test_fuse_relu_keeps_shared_inplace_relu():
     class Shared(nn.Module):
         input_size = (4,)

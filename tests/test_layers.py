@@ -248,3 +248,14 @@ def test_property_identity_shapes_and_affine(shift, scale, sample, data) -> None
         a = a.view(view) if a.dim() else a
         b = b.view(view) if b.dim() else b
     torch.testing.assert_close(layer(x), a * x + b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("shift", "scale"), [("channel", "element"), ("layer", "layer")])
+def test_cuda_bf16_identity_and_grads(shift: str, scale: str) -> None:
+    layer = ShiftScale(shift, scale, (4, 5, 6), channel_dim=1).cuda()
+    x = torch.randn(2, 4, 5, 6, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and y.device.type == "cuda" and torch.equal(y, x)
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())

@@ -259,38 +259,9 @@ def test_strip_refuses_a_plain_module(allconv) -> None:
 # ---------------------------------------------------------------- mode dependence
 
 
-class FunctionalDropout(nn.Module):
-    """``F.dropout(x, p, training=self.training)``: traced in train mode, FX bakes ``True``."""
-
-    input_size = (6,)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 2)
-
-    def forward(self, x):
-        return self.fc2(F.dropout(F.relu(self.fc1(x)), p=0.5, training=self.training))
-
-
-class AuxHead(nn.Module):
-    """Returns an extra output in train mode only (like GoogLeNet's auxiliary logits)."""
-
-    input_size = (6,)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc, self.aux, self.out = nn.Linear(6, 6), nn.Linear(6, 2), nn.Linear(6, 2)
-
-    def forward(self, x):
-        h = F.relu(self.fc(x))
-        if self.training:
-            return self.out(h), self.aux(h)
-        return self.out(h)
-
-
 @pytest.mark.parametrize("training", [True, False])
-def test_functional_dropout_follows_the_mode_at_run_time(training: bool) -> None:
-    model = FunctionalDropout().train(training)
+def test_functional_dropout_follows_the_mode_at_run_time(forms, training: bool) -> None:
+    model = forms.FunctionalDropout().train(training)
     gm = surgeon.insert(model, "layer", "layer")
     assert "warnings" not in gm.surgeon_record
     assert any(isinstance(m, nn.Dropout) for m in gm.modules())
@@ -305,8 +276,8 @@ def test_functional_dropout_follows_the_mode_at_run_time(training: bool) -> None
     assert (dropped == 0).any() and not (h == 0).all()  # train: dropout is active
 
 
-def test_other_self_training_branches_are_reported(max_abs_diff) -> None:
-    model = AuxHead()
+def test_other_self_training_branches_are_reported(forms, max_abs_diff) -> None:
+    model = forms.AuxHead()
     gm = surgeon.insert(model, "layer", "layer")
     (warning,) = gm.surgeon_record["warnings"]
     assert "self.training" in warning and "train-mode" in warning and "--leaf" in warning
@@ -351,3 +322,11 @@ def test_insert_batchnorm_before_each_activation(forms) -> None:
     assert [p["name"] for p in both.surgeon_record["passes"]] == ["batchnorm", "shift_scale"]
     gm.graph.lint()
     assert gm(torch.randn(2, 3, 6, 6)).shape == (2, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_insert_on_a_cuda_model_puts_the_modules_on_cuda(forms, max_abs_diff) -> None:
+    model = forms.ConvNeXtBlock().cuda()
+    gm = surgeon.insert(model, "channel", "element")
+    assert all(p.is_cuda for p in gm.parameters())
+    assert max_abs_diff(model, gm, torch.randn(2, 3, 6, 6, device="cuda")) == 0.0

@@ -223,6 +223,31 @@ def test_leaf_makes_a_block_opaque(forms) -> None:
     assert [s.name for s in surgeon.find_sites(model, leaf=["Sequential"])] == ["x"]
 
 
+def test_register_leaf_module_makes_a_class_opaque(forms, monkeypatch) -> None:
+    monkeypatch.setattr(registry, "LEAF_MODULES", set(registry.LEAF_MODULES))
+
+    class Block(nn.Sequential):
+        pass
+
+    class Net(nn.Module):
+        input_size = (4,)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.block, self.head = Block(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.block(x))
+
+    assert [s.name for s in surgeon.find_sites(Net())] == ["x", "block_1"]
+    assert surgeon.register_leaf_module(Block) is Block
+    gm = surgeon.insert(Net(), "layer", "layer")
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert "block" in called and "block.1" not in called  # one opaque node
+    # the ReLU inside is then reached at module level (a "hybrid" site), not through FX
+    assert [s.name for s in surgeon.find_sites(Net())] == ["x", "block.1"]
+
+
 def test_unknown_leaf_name_is_an_error_with_hint() -> None:
     with pytest.raises(SurgeonError) as err:
         surgeon.find_sites(surgeon.build_model("allconv"), leaf=["NoSuchBlock"])
@@ -270,8 +295,13 @@ def test_untraceable_error_names_the_users_file_and_line(models_dir) -> None:
     line = next(
         i for i, text in enumerate(path.read_text().splitlines(), 1) if "if x.mean() > 0" in text
     )
-    with pytest.raises(SurgeonError) as err:
-        surgeon.find_sites(surgeon.build_model(str(path)))
-    assert f"untraceable.py:{line}" in err.value.message
-    assert "control flow" in err.value.message  # the tracer's own reason
-    assert "--leaf" in err.value.hint
+    model = surgeon.build_model(str(path))
+    for call in (
+        lambda: surgeon.find_sites(model),
+        lambda: surgeon.insert(model, fallback="never"),
+    ):
+        with pytest.raises(SurgeonError) as err:
+            call()
+        assert f"untraceable.py:{line}" in err.value.message
+        assert "control flow" in err.value.message  # the tracer's own reason
+        assert "--leaf" in err.value.hint

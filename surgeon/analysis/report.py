@@ -326,6 +326,38 @@ def plot_probes(runs: list[Run], palette: dict[str, Any], path: Path) -> Path | 
     return save(fig, path)
 
 
+def plot_online(runs: list[Run], palette: dict[str, Any], path: Path) -> Path | None:
+    """Online runs (``step`` rows with ``online_acc``, see :mod:`surgeon.train.online`):
+    windowed (solid) and running (dotted) prequential accuracy against samples seen."""
+    online = [
+        r for r in runs if r.config.get("online") or any("online_acc" in s for s in r.steps[:1])
+    ]
+    if not online:
+        return None
+    fig, (ax,) = figure(1, 1, (9, 4.8))
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.93, bottom=0.1)
+    for variant, rs in _by_variant(online).items():
+        for i, r in enumerate(rs):
+            x = [row["step"] for row in r.steps]
+            label = variant if i == 0 else None
+            if not x:
+                label = f"{variant}: {r.status}" + (
+                    f" ({r.summary['message']})" if r.summary.get("message") else ""
+                )
+                ax.plot([], [], "x", color=palette[variant], label=label[:90])
+                continue
+            win = _series([100 * row.get("online_acc_window", math.nan) for row in r.steps])
+            run = _series([100 * row.get("online_acc", math.nan) for row in r.steps])
+            ax.plot(x, win, color=palette[variant], linewidth=1.3, label=label)
+            ax.plot(x, run, ":", color=palette[variant], linewidth=1.0)
+    ax.set_xlabel("samples seen (batch size 1, one pass)")
+    ax.set_ylabel("prequential accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"online accuracy ({_group_title(online)}); solid: window, dotted: all seen")
+    return save(fig, path)
+
+
 def _fmt(row: dict[str, Any], key: str) -> str:
     v = row.get(key)
     if key.endswith("val_err") or key.endswith("val_err_mean"):
@@ -448,6 +480,9 @@ def build_report(
         probe = plot_probes(rs, pal, output / f"probes_{name}.png")
         if probe is not None:
             figures.append({"kind": "probes", "group": title, "file": probe.name})
+        online = plot_online(rs, pal, output / f"online_{name}.png")
+        if online is not None:
+            figures.append({"kind": "online", "group": title, "file": online.name})
     diverged = [r for r in rows if r["status"] == "diverged"]
     report = {
         "output": str(output),
@@ -473,6 +508,7 @@ _SECTIONS = (
     ("loss", "Training loss per step", "EMA of the per-step training loss (coefficient in the legend; faint lines are the raw loss). Dotted vertical lines mark the end of each epoch: the saw-tooth in the raw loss lines up with them."),
     ("val_err", "Error per epoch", "Validation error (solid) and training error (dotted) per epoch, one line per variant; several seeds are averaged, with a min-max band."),
     ("probes", "Probes: activations and gradients by depth", "Per-site activation mean and std, and the gradient norms of the weights before and after each site, at the first probed epoch (epoch 0 is the init, before any step) and the last."),
+    ("online", "Online learning: accuracy against samples seen", "Prequential accuracy of batch-size-1 runs (each sample predicted before it is trained on): over a sliding window (solid) and over all samples seen so far (dotted). Runs that failed at batch 1 are listed in the legend."),
 )  # fmt: skip
 
 

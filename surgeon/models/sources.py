@@ -197,12 +197,31 @@ def build_model(spec: str, model_args: dict[str, Any] | None = None) -> nn.Modul
     elif spec.endswith(".py") or ".py:" in spec or Path(spec).exists():
         model = _from_file(spec, args)
     else:
-        raise ModelSourceError(
-            f"unknown model {spec!r}",
-            hint="use a .py path, timm:NAME, torchvision:NAME, or one of " + ", ".join(BUILTINS),
-        )
+        raise ModelSourceError(f"unknown model {spec!r}", hint=_unknown_spec_hint(spec))
     model.surgeon_source = {"spec": spec, "args": args}
     return model
+
+
+def _unknown_spec_hint(spec: str) -> str:
+    """Suggest the prefixed spec when a bare name is a timm or torchvision model."""
+    general = "use a .py path, timm:NAME, torchvision:NAME, or one of " + ", ".join(BUILTINS)
+    if ":" in spec or "/" in spec:
+        return general
+    try:
+        import timm
+
+        if timm.is_model(spec):
+            return f"did you mean timm:{spec}? ({general})"
+    except ImportError:
+        pass
+    try:
+        from torchvision import models
+
+        if spec in models.list_models():
+            return f"did you mean torchvision:{spec}? ({general})"
+    except ImportError:
+        pass
+    return general
 
 
 def default_input_size(model: nn.Module) -> tuple[int, ...]:

@@ -288,6 +288,38 @@ class TwoInputs(nn.Module):
         return self.fc(x)
 
 
+# Models that branch on self.training (not site-list forms)
+
+
+class FunctionalDropout(nn.Module):
+    """``F.dropout(x, p, training=self.training)``: traced in train mode, FX bakes ``True``."""
+
+    input_size = (6,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc2(F.dropout(F.relu(self.fc1(x)), p=0.5, training=self.training))
+
+
+class AuxHead(nn.Module):
+    """Returns an extra output in train mode only (like GoogLeNet's auxiliary logits)."""
+
+    input_size = (6,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.aux, self.out = nn.Linear(6, 6), nn.Linear(6, 2), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = F.relu(self.fc(x))
+        if self.training:
+            return self.out(h), self.aux(h)
+        return self.out(h)
+
+
 FORMS = [
     ModuleActs, FunctionActs, MethodActs, TimmActs, NormAct, Branching, ModuleListLoop,
     SoftmaxHead, SigmoidHead, ReluThenPool, SqueezeExcite, SiluWrittenOut, ConvNeXtBlock,

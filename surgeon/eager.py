@@ -1,0 +1,155 @@
+"""The eager fallback: module-level insertion for models torch.fx cannot trace.
+
+Without a graph, a site is an activation module (or fused norm+activation module) that
+runs in the forward pass, and the model's first input. Each gets a shift/scale module
+through a hook (:mod:`surgeon.modsites`): after the activation module, before the model.
+Shapes come from one forward run on meta tensors, else fake tensors, else (below
+``shapes.REAL_FORWARD_MAX_PARAMS`` parameters) real ones. Activation *functions*
+(``F.gelu(x)``, ``x.softmax(-1)``) cannot be reached this way; they are counted during the
+same run and listed as unreached. An activation is final (no site) when no parametrised
+module runs after it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import modsites, shapes
+from .errors import SurgeryError
+from .sites import Site
+
+
+@dataclass
+class EagerAnalysis:
+    """A copy of the model, its sites, and the activation calls that are not sites."""
+
+    model: nn.Module
+    sites: list[Site]
+    finals: list[dict]
+    unreached: list[dict]
+    input_param: str
+
+
+def _run_meta(model: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    meta = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
+    with _reparametrize_module(model, meta):
+        model(*(t.to("meta") for t in inputs))
+
+
+def _run_fake(model: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        model(*(fake_mode.from_tensor(t) for t in inputs))
+
+
+def _run_real(model: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model(*(t.to(device) for t in inputs))
+
+
+def _first_param(model: nn.Module) -> str:
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        params = []
+    return params[0] if params else "x"
+
+
+def _observe(model: nn.Module, inputs: Sequence[torch.Tensor], obs: modsites.Observer) -> None:
+    attempts: list[Callable] = [_run_meta, _run_fake]
+    if sum(p.numel() for p in model.parameters()) <= shapes.REAL_FORWARD_MAX_PARAMS:
+        attempts.append(_run_real)
+    was = model.training
+    model.eval()
+    errors: list[BaseException] = []
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for attempt in attempts:
+                obs.reset()
+                try:
+                    attempt(model, inputs)
+                    return
+                except Exception as exc:  # no meta/fake kernel, data-dependent branch: next way
+                    errors.append(exc)
+    finally:
+        model.train(was)
+    exc = errors[-1]
+    text = str(exc).strip()
+    raise SurgeryError(
+        f"eager shape run failed: {text.splitlines()[0] if text else type(exc).__name__}",
+        hint="check --input-size (C,H,W) matches what the model expects",
+    ) from exc
+
+
+def analyse_eager(
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    opaque: Sequence[type] = (),
+) -> EagerAnalysis:
+    """Find the module-level sites of a deep copy of ``model`` by running it once."""
+    m = copy.deepcopy(model)
+    everything = modsites.activation_modules(m, enter_all=True)
+    reachable = modsites.activation_modules(m, opaque=tuple(opaque))
+    targets = {p: v[0] for p, v in reachable.items() if not modsites.has_attached(v[0])}
+    others = {p: v[0] for p, v in everything.items() if p not in reachable}
+    kinds = {p: (v[1], v[2]) for p, v in reachable.items()}
+    obs = modsites.Observer({"": m}, targets, others)
+    with obs:
+        _observe(m, inputs, obs)
+
+    def reason(call: modsites.Call) -> str:
+        where = call.path or "the model's forward"
+        if call.site:
+            return f"{call.target} at {where}"
+        if call.target.startswith(("F.", "torch.", "Tensor.")) or call.path not in others:
+            return (
+                f"{call.target} called in {where}: a function, and the eager fallback "
+                "reaches activation modules only"
+            )
+        return f"{call.target} at {where} is inside a torch.nn block or a --leaf module"
+
+    found = modsites.collect(obs, kinds, {""}, reason)
+    param = _first_param(m)
+    sites: list[Site] = []
+    x = inputs[0] if inputs else None
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 1:
+        shape = tuple(int(s) for s in x.shape)
+        cdim = 1 if len(shape) >= 4 else max(len(shape) - 1, 1)
+        sites.append(Site(0, param, "input", "input", (-1, *shape[1:]), cdim))
+    for s in found.sites:
+        s.extra.pop("scope", None)
+    sites += found.sites
+    for i, s in enumerate(sites):
+        s.index = i
+    return EagerAnalysis(m, sites, found.finals, found.unreached, param)
+
+
+def insert_sites(
+    a: EagerAnalysis, chosen: Sequence[Site], shift: str, scale: str, fused: bool
+) -> nn.Module:
+    """Attach a ``ShiftScale`` to each chosen site of ``a.model`` (in place); return it."""
+    from .layers import ShiftScale
+
+    m = a.model
+    device = next((p.device for p in m.parameters()), torch.device("cpu"))
+    for site in chosen:
+        if site.kind == "input":
+            ss = ShiftScale(shift, scale, site.feature_shape, site.channel_dim, fused=fused)
+            site.module = modsites.attach_before(m, ss.to(device), a.input_param)
+        else:
+            site.module = modsites.insert_module_site(m, site, shift, scale, fused, device)
+    return m
