@@ -10,8 +10,9 @@ shift/scale can. Parts (each a recipe-like folder of runs under --out):
   statistics) vs shift/scale vs replace-norm, on the recipe ``online`` (2,000 streamed images
   of the embedded CIFAR-10 sample, SGD lr 0.003, no momentum);
 - ``allconv-warm``/``mlp-warm``: a batchnorm model first trained with mini-batches (64, 3
-  epochs) on the 3,000 images not in the stream, then online: BN left in train mode, BN
-  frozen (eval mode, affine still learns) and BN replaced by shift/scale.
+  epochs, lr 0.04) on the 3,000 images not in the stream, then online at lr 0.0005 (about the
+  same step per sample): BN left in train mode, BN frozen (eval mode, affine still learns)
+  and BN replaced by shift/scale.
 
 Writes benchmarks/results/online.json and online.png; `surgeon report OUT/PART` plots each
 part (accuracy against samples seen, loss per sample).
@@ -30,13 +31,16 @@ import torch
 from surgeon.train import load_recipe
 from surgeon.train.online import plan, run_plan
 
-PARTS = {
-    "allconv-scratch": ("allconv", {"width": 0.25}, 0, [
+WARM_LR = (
+    0.0005  # online LR after a warm start: about the pretraining's per-sample step (0.04 / 64)
+)
+PARTS = {  # model, model args, warm-start epochs, online LR (None: the recipe's), variants
+    "allconv-scratch": ("allconv", {"width": 0.25}, 0, None, [
         "plain", "batchnorm", "shift-layer+scale-layer", "shift-channel+scale-channel", "replace-norm",
     ]),
-    "mlp-scratch": ("mlp", {}, 0, ["plain", "batchnorm", "shift-layer+scale-layer", "replace-norm"]),
-    "allconv-warm": ("allconv", {"width": 0.25}, 3, ["batchnorm", "batchnorm-frozen", "replace-norm"]),
-    "mlp-warm": ("mlp", {}, 3, ["batchnorm", "batchnorm-frozen", "replace-norm"]),
+    "mlp-scratch": ("mlp", {}, 0, None, ["plain", "batchnorm", "shift-layer+scale-layer", "replace-norm"]),
+    "allconv-warm": ("allconv", {"width": 0.25}, 3, WARM_LR, ["batchnorm", "batchnorm-frozen", "replace-norm"]),
+    "mlp-warm": ("mlp", {}, 3, WARM_LR, ["batchnorm", "batchnorm-frozen", "replace-norm"]),
 }  # fmt: skip
 KEEP = (
     "variant", "status", "message", "samples", "online_acc", "online_acc_last_window", "test_acc",
@@ -57,13 +61,15 @@ def main() -> None:
     t_all = time.perf_counter()
     parts = {}
     for part in args.parts.split(","):
-        model, margs, warm, variants = PARTS[part]
+        model, margs, warm, lr, variants = PARTS[part]
         overrides = {"model": model, "model_args": margs, "limit_train": args.stream}
+        if lr is not None:
+            overrides["lr"] = lr
         runs = plan(recipe, overrides, variants=variants, warm_start=warm)
         t0 = time.perf_counter()
         results = run_plan(runs, args.out / part, recipe_name=part, warm_start=warm, log=print)
         parts[part] = {
-            "model": model, "model_args": margs, "warm_start_epochs": warm,
+            "model": model, "model_args": margs, "warm_start_epochs": warm, "lr": lr or recipe.base["lr"],
             "time_s": round(time.perf_counter() - t0, 1),
             "runs": [{k: r.get(k) for k in KEEP} for r in results],
         }  # fmt: skip
@@ -90,8 +96,10 @@ def _row(r: dict) -> str:
         return f"failed: {r['message']}"
     pct = lambda v: "-" if v is None else f"{100 * v:5.1f}%"  # noqa: E731
     extra = ""
+    if r.get("warm_start_test_acc") is not None:
+        extra += f" (test after the warm start: {pct(r['warm_start_test_acc'])})"
     if r.get("test_acc_train_mode_b1") is not None:
-        extra = f" (test, train-mode batch-1 forward: {pct(r['test_acc_train_mode_b1'])})"
+        extra += f" (test, train-mode batch-1 forward: {pct(r['test_acc_train_mode_b1'])})"
     return (
         f"online {pct(r['online_acc'])}  last 200 {pct(r['online_acc_last_window'])}  "
         f"test {pct(r['test_acc'])}{extra}"
@@ -115,7 +123,9 @@ def plot(root: Path, parts: list[str], path: Path) -> None:
                 ax.plot([], [], "x", color=color, label=f"{r.variant}: failed at sample 1")
                 continue
             x = [s["step"] for s in r.steps]
-            ax.plot(x, [100 * s["online_acc_window"] for s in r.steps], color=color, label=r.variant)
+            ax.plot(
+                x, [100 * s["online_acc_window"] for s in r.steps], color=color, label=r.variant
+            )
             ax.plot(x, [100 * s["online_acc"] for s in r.steps], ":", color=color)
         ax.axhline(10, color="grey", linewidth=0.7, linestyle="--")
         ax.set_title(part, fontsize=10)

@@ -110,6 +110,11 @@ def _zero_padded(conv: nn.Module) -> bool:
     return any(p > 0 for p in conv.padding)
 
 
+def _drops(mod: nn.Module) -> bool:
+    """A dropout that zeroes anything in train mode (``p > 0``)."""
+    return isinstance(mod, _DROPOUTS) and mod.p > 0
+
+
 def _varying_dims(ss: ShiftScale) -> set[int]:
     """Dims of the full tensor (batch = 0) along which ``a`` or ``b`` vary."""
     modes = {ss.shift_mode, ss.scale_mode} - {"none"}
@@ -211,7 +216,7 @@ def _following(ctx: _Context, node: fx.Node, ss: ShiftScale) -> tuple[list[_Targ
         for user in n.users:
             mod = _module(gm, user)
             if isinstance(mod, (nn.Identity, *_DROPOUTS)):
-                walk(user, vary, flat, dropout or isinstance(mod, _DROPOUTS))
+                walk(user, vary, flat, dropout or _drops(mod))
                 continue
             avg = _average_kind(user, gm)
             if avg is not None:
@@ -279,7 +284,7 @@ def _preceding(ctx: _Context, node: fx.Node, ss: ShiftScale) -> tuple[fx.Node | 
         if len(src.users) != 1:
             return None, f"{src.name} has {len(src.users)} users"
         if isinstance(mod, (nn.Identity, *_DROPOUTS)):
-            dropout = dropout or isinstance(mod, _DROPOUTS)
+            dropout = dropout or _drops(mod)
             src = src.args[0]
             continue
         break

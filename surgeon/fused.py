@@ -69,7 +69,8 @@ def _view(p: torch.Tensor | None, mode: str, x: torch.Tensor, cd: int) -> torch.
     """``p`` cast to ``x.dtype`` and shaped to broadcast against ``x``."""
     if p is None:
         return None
-    p = p.to(x.dtype)
+    if p.dtype != x.dtype:
+        p = p.to(x.dtype)
     if mode == "channel":
         shape = [1] * x.dim()
         shape[cd] = -1
@@ -79,14 +80,14 @@ def _view(p: torch.Tensor | None, mode: str, x: torch.Tensor, cd: int) -> torch.
 
 def _reduce(t: torch.Tensor, mode: str, cd: int, like: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` to a parameter of ``mode``, accumulating in at least fp32."""
-    acc = torch.promote_types(t.dtype, torch.float32)
+    acc = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
     if mode == "layer":
         out = t.sum(dtype=acc)
     elif mode == "element":
         out = t.sum(0, dtype=acc)
     else:
         out = t.sum([d for d in range(t.dim()) if d != cd], dtype=acc)
-    return out.to(like.dtype)
+    return out if out.dtype == like.dtype else out.to(like.dtype)
 
 
 def _torch_forward(x, shift, scale, spec: _Spec) -> torch.Tensor:
