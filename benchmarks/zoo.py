@@ -322,7 +322,7 @@ class Worker:
                 return {"model": spec, "status": "crash", "error": f"worker exited with {code}"}
             if line.startswith(RESULT):
                 self.done += 1
-                return json.loads(line[len(RESULT):])
+                return json.loads(line[len(RESULT) :])
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -443,7 +443,9 @@ def summary(rows: list[dict]) -> str:
         lines.append("")
         for why, n in reasons.most_common():
             ms = sorted(set(models_by_reason[why]))
-            shown = ", ".join(f"`{m}`" for m in ms[:8]) + (f" and {len(ms) - 8} more" if len(ms) > 8 else "")
+            shown = ", ".join(f"`{m}`" for m in ms[:8]) + (
+                f" and {len(ms) - 8} more" if len(ms) > 8 else ""
+            )
             lines.append(f"- {why}: {n} calls; {shown}")
         lines.append("")
     missing = [r for r in rows if r["status"] == "ok" and r.get("recall") in ("", None)]

@@ -304,7 +304,9 @@ class Observer:
                     continue
                 has_params = any(True for _ in mod.parameters(recurse=False))
                 layout = module_layout(mod)
-                self._handles.append(mod.register_forward_pre_hook(self._module_pre(sub, has_params)))
+                self._handles.append(
+                    mod.register_forward_pre_hook(self._module_pre(sub, has_params))
+                )
                 self._handles.append(
                     mod.register_forward_hook(self._module_post(layout), always_call=True)
                 )

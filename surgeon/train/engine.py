@@ -565,5 +565,7 @@ def resume(run: str | Path, **kwargs: Any) -> dict[str, Any]:
         cfg = cfg.replace(**overrides)
     trainer = Trainer(cfg, run, resume=True, **kwargs)
     if overrides and trainer.main:  # e.g. --epochs extended the run: the folder says so
-        write_json_atomic(run / "config.json", {**cfg.to_dict(), "world_size": trainer.dist.world_size})
+        write_json_atomic(
+            run / "config.json", {**cfg.to_dict(), "world_size": trainer.dist.world_size}
+        )
     return trainer.run()
