@@ -55,7 +55,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/online-bench"))
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--replot", action="store_true", help="only redraw online.png from --out")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads((args.results / "online.json").read_text())
+        plot(args.out, list(saved["parts"]), args.results / "online.png")
+        return
     torch.set_num_threads(args.threads)
     recipe = load_recipe("online")
     t_all = time.perf_counter()
@@ -115,8 +120,12 @@ def plot(root: Path, parts: list[str], path: Path) -> None:
 
     from surgeon.analysis.runs import load_runs
 
-    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.2), squeeze=False)
-    for ax, part in zip(axes[0], parts, strict=True):
+    cols = min(2, len(parts))
+    rows = (len(parts) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(parts) :]:
+        ax.set_visible(False)
+    for ax, part in zip(axes.flat, parts):
         for i, r in enumerate(sorted(load_runs([root / part]), key=lambda r: r.variant)):
             color = f"C{i}"
             if not r.steps:
@@ -128,6 +137,7 @@ def plot(root: Path, parts: list[str], path: Path) -> None:
             )
             ax.plot(x, [100 * s["online_acc"] for s in r.steps], ":", color=color)
         ax.axhline(10, color="grey", linewidth=0.7, linestyle="--")
+        ax.set_ylim(0, 60)
         ax.set_title(part, fontsize=10)
         ax.set_xlabel("samples seen (batch 1)")
         ax.set_ylabel("prequential accuracy (%)")

@@ -32,7 +32,13 @@ def sync(device: torch.device) -> None:
 
 
 def hand_loop(
-    model, loader: Loader, epochs: int, lr: float, device: torch.device, precision: str
+    model,
+    loader: Loader,
+    epochs: int,
+    lr: float,
+    device: torch.device,
+    precision: str,
+    warmup: bool = True,
 ) -> float:
     """The loop a careful researcher would write: images/s over ``epochs`` epochs."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -41,7 +47,7 @@ def hand_loop(
     )
     model.train()
     n, t = 0, 0.0
-    for epoch in range(epochs + 1):  # epoch 0 warms up
+    for epoch in range(0 if warmup else 1, epochs + 1):  # epoch 0 warms up
         loader.set_epoch(epoch)
         sync(device)
         t0 = time.perf_counter()
@@ -83,7 +89,8 @@ def main() -> None:
         help="plain, or layer-wise shift+scale",
     )
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of the data-only timing")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved hand/tool epoch pairs")
     ap.add_argument("--limit-train", type=int, default=None)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--device", default="cpu")
@@ -115,23 +122,29 @@ def main() -> None:
         data.train_x, data.train_y, cfg.batch_size, shuffle=True, augment=True, drop_last=True, **kw
     )
 
-    # 1. the hand-written loop on the same variant, same init
+    # 1 + 2, interleaved: one epoch of the hand-written loop, then one epoch of the tool's
+    # loop (a fresh Trainer, same init), `--rounds` times; the ratio is taken per round so
+    # that load from other processes affects both sides alike.
     model = derive(base, cfg, size).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    hand = hand_loop(model, loader, args.epochs, cfg.lr, device, cfg.precision)
-
-    # 2. the tool's loop: epoch rows report images/s over the training part of each epoch
-    out = Path(tempfile.mkdtemp())
-    try:
-        Trainer(cfg, out / "run", data=data, base=base).run()
-        rows = [
-            json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()
-        ]
-        epochs = [r for r in rows if r["type"] == "epoch"][1:]  # drop the warm-up epoch
-        tool = sum(r["images_per_s"] for r in epochs) / len(epochs)
-    finally:
-        shutil.rmtree(out)
+    hand_loop(model, loader, 1, cfg.lr, device, cfg.precision)  # warm-up
+    hands, tools = [], []
+    one_epoch = cfg.replace(epochs=1, name="bench")
+    for _ in range(args.rounds):
+        hands.append(hand_loop(model, loader, 1, cfg.lr, device, cfg.precision, warmup=False))
+        out = Path(tempfile.mkdtemp())
+        try:
+            Trainer(one_epoch, out / "run", data=data, base=base).run()
+            rows = [
+                json.loads(line)
+                for line in (out / "run" / "metrics.jsonl").read_text().splitlines()
+            ]
+            tools.append(next(r for r in rows if r["type"] == "epoch")["images_per_s"])
+        finally:
+            shutil.rmtree(out)
+    ratios = sorted(t / h for t, h in zip(tools, hands, strict=True))
+    hand, tool = sorted(hands)[len(hands) // 2], sorted(tools)[len(tools) // 2]
 
     # 3. the data path alone
     data_rate = data_only(loader, max(args.epochs, 2), device)
@@ -139,8 +152,9 @@ def main() -> None:
         "benchmark": "train_speed", "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "model": args.model, "width": args.width,
         "variant": args.variant, "batch_size": args.batch_size, "precision": args.precision, "data": args.data,
-        "train_images": len(data.train_x), "epochs_timed": args.epochs,
-        "hand_loop_images_per_s": hand, "tool_loop_images_per_s": tool, "tool_vs_hand": tool / hand,
+        "train_images": len(data.train_x),
+        "rounds": args.rounds, "hand_loop_images_per_s": hand, "tool_loop_images_per_s": tool,
+        "tool_vs_hand_per_round": ratios, "tool_vs_hand": ratios[len(ratios) // 2],
         "data_only_images_per_s": data_rate, "data_vs_model": data_rate / hand,
     }  # fmt: skip
     print(json.dumps(result, indent=2))

@@ -18,6 +18,7 @@ Classes named with ``--leaf`` stay opaque, and so do torch.nn blocks such as
 
 from __future__ import annotations
 
+import types
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -205,7 +206,7 @@ class _Functions(TorchFunctionMode):
         if obs.scopes and not obs.act_depth:
             target = _function_target(func)
             if target is not None:
-                obs.record(obs.stack[-1] if obs.stack else "", target, False, out)
+                obs.record(obs.stack[-1] if obs.stack else obs.scopes[-1][0], target, False, out)
         return out
 
 
@@ -243,6 +244,13 @@ class Observer:
     def _scope_post(self, module, args, output):
         if self.scopes:
             self.scopes.pop()
+
+    def enter(self, path: str) -> None:
+        """Enter a scope that is not a module (a function the graph keeps whole)."""
+        self._scope_pre(path)(None, ())
+
+    def leave(self) -> None:
+        self._scope_post(None, (), None)
 
     def _module_pre(self, path: str, has_params: bool):
         def hook(module, args):
@@ -448,6 +456,34 @@ def _scope_reason(scope: nn.Module, path: str, user: bool):
     return reason
 
 
+class _ScopedFunction:
+    """Stands for the target of a ``call_function`` node while shapes propagate: calls
+    the function inside an observer scope named after the node."""
+
+    def __init__(self, fn, obs: Observer, path: str) -> None:
+        self.fn, self.obs, self.path = fn, obs, path
+
+    def __call__(self, *args, **kwargs):
+        self.obs.enter(self.path)
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.obs.leave()
+
+
+def _kept_whole(node: fx.Node) -> bool:
+    """A ``call_function`` node of a Python function FX did not enter (``torch.fx.wrap``,
+    timm's autowrap functions): activation calls inside it are not graph nodes."""
+    fn = node.target
+    mod = getattr(fn, "__module__", None) or ""
+    return (
+        node.op == "call_function"
+        and isinstance(fn, types.FunctionType)
+        and not mod.startswith(("torch", "operator", "builtins", "math", "_operator"))
+        and fn not in registry.ACT_FUNCTIONS
+    )
+
+
 def propagate_with_leaves(
     gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], user_leaves: Sequence[type]
 ) -> Found:
@@ -488,13 +524,29 @@ def propagate_with_leaves(
                 others[p] = m
         scopes[path] = mod
         reasons[path] = _scope_reason(mod, path, is_user)
-    if not scopes:
+    functions = [n for n in gm.graph.nodes if _kept_whole(n)]
+    if not scopes and not functions:
         shapes.propagate(gm, example_inputs)
         return Found([], [], [])
-    with Observer(scopes, targets, others) as obs:
-        shapes.propagate(gm, example_inputs)
+    for node in functions:
+        fn = node.target
+        name = f"{fn.__module__}.{fn.__qualname__}"
+        reasons[node.name] = lambda call, name=name, node=node.name: (
+            f"{call.target} inside {name} ({node}), a function FX keeps as one node"
+        )
+    obs = Observer(scopes, targets, others)
+    try:
+        for node in functions:
+            node.target = _ScopedFunction(node.target, obs, node.name)
+        with obs:
+            shapes.propagate(gm, example_inputs)
+    finally:
+        for node in functions:
+            if isinstance(node.target, _ScopedFunction):
+                node.target = node.target.fn
     free_nodes = reaches_output_freely(gm)
     free = {p for p in scopes if all(n in free_nodes for n in graph_targets[p])}
+    free |= {n.name for n in functions if n in free_nodes}
     found = collect(obs, kinds, free, lambda call: reasons[call.scope](call))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for s in found.sites:

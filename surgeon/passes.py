@@ -82,7 +82,7 @@ def analyse(
     leaf_types = [c for c in leaf if isinstance(c, type)]
     leaf_types += resolve_leaf_names(model, [c for c in leaf if isinstance(c, str)])
     size = _parse_input_size(input_size, model)
-    gm = trace(model, leaf_types)
+    gm = trace(model, leaf_types, n_inputs=len(example_inputs) if example_inputs else 1)
     if getattr(model, "surgeon_source", None) is not None:
         set_preserved(gm, "surgeon_source", copy.deepcopy(model.surgeon_source))
     if example_inputs is None:

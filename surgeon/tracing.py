@@ -125,15 +125,39 @@ def _user_frame(exc: BaseException) -> str | None:
     return None
 
 
-def _trace_graph(root: nn.Module, leaf_modules: Iterable[type]) -> fx.Graph:
-    return SurgeonTracer(leaf_modules).trace(root)
+def _trace_graph(
+    root: nn.Module, leaf_modules: Iterable[type], concrete: dict[str, Any] | None = None
+) -> fx.Graph:
+    return SurgeonTracer(leaf_modules).trace(root, concrete_args=concrete or None)
+
+
+def constant_defaults(root: nn.Module, n_inputs: int) -> dict[str, Any]:
+    """The arguments of ``root.forward`` past the first ``n_inputs`` whose default is None, a
+    bool, a number or a string: a call with ``n_inputs`` tensors leaves them at that value.
+
+    The graph takes them as constants (FX asserts the value at run time), so that
+    ``if mask is not None or is_causal:`` follows the call the model gets instead of failing
+    on, or branching on, a proxy (timm's ``Hiera.forward``, ``VisionTransformer.forward``).
+    """
+    try:
+        params = list(inspect.signature(root.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {
+        p.name: p.default
+        for i, p in enumerate(params)
+        if i >= n_inputs
+        and p.kind in kinds
+        and (p.default is None or type(p.default) in (bool, int, float, str))
+    }
 
 
 def trace(
-    model: nn.Module, leaf_modules: Iterable[type] = (), copy_model: bool = True
+    model: nn.Module, leaf_modules: Iterable[type] = (), copy_model: bool = True, n_inputs: int = 1
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` (a deep copy unless ``copy_model=False``) in its
-    current train/eval mode."""
+    current train/eval mode, for calls with ``n_inputs`` positional tensors."""
     leaf_modules = tuple(leaf_modules)
     if isinstance(model, fx.GraphModule):
         root = copy.deepcopy(model) if copy_model else model
@@ -144,11 +168,12 @@ def trace(
         set_preserved(gm, "surgeon_mode_dependent", getattr(model, "surgeon_mode_dependent", False))
         return gm
     root = copy.deepcopy(model) if copy_model else model
+    concrete = constant_defaults(root, n_inputs)
     try:
-        graph = _trace_graph(root, leaf_modules)
+        graph = _trace_graph(root, leaf_modules, concrete)
     except Exception as exc:  # the tracer raises many types; all mean "not traceable"
         raise _trace_error(model, exc) from exc
-    other = _trace_in_other_mode(root, leaf_modules)
+    other = _trace_in_other_mode(root, leaf_modules, concrete)
     gm = fx.GraphModule(root, graph, type(model).__name__)
     dependent = _make_dropout_follow_mode(gm, other, trained=root.training)
     gm.train(model.training)
@@ -167,11 +192,13 @@ def _trace_error(model: nn.Module, exc: BaseException) -> TraceError:
     )
 
 
-def _trace_in_other_mode(root: nn.Module, leaf_modules: Iterable[type]) -> fx.Graph | None:
+def _trace_in_other_mode(
+    root: nn.Module, leaf_modules: Iterable[type], concrete: dict[str, Any] | None = None
+) -> fx.Graph | None:
     mode = root.training
     root.train(not mode)
     try:
-        return _trace_graph(root, leaf_modules)
+        return _trace_graph(root, leaf_modules, concrete)
     except Exception:
         return None
     finally:
