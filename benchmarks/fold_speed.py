@@ -1,13 +1,13 @@
 """Fold speed: a folded model against the surgered model it came from and the plain model.
 
-    python benchmarks/fold_speed.py                  # CPU, ~1-2 min
+    python benchmarks/fold_speed.py                  # CPU, a few minutes
     python benchmarks/fold_speed.py --rounds 3 --iters 5
 
 Every model comes from one init; the shift/scale values are random (not the identity), and
 the folded model's outputs are checked against the surgered one's. Inference (eval,
 no_grad) and training steps (forward, backward, SGD) are timed in interleaved rounds, so
-a busy shared CPU slows every model alike; the median of the rounds is reported, with its
-ratio to the plain model. Writes benchmarks/results/fold_speed_cpu.json.
+a busy shared CPU slows every model alike; the fastest round is reported (other jobs only
+ever add time), with its ratio to the plain model, and the median too. Writes benchmarks/results/fold_speed_cpu.json.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 import surgeon
 
 CASES = (  # model, model args, input size, (shift, scale)
-    ("allconv", {"width": 0.5}, (3, 32, 32), ("none", "channel")),
-    ("allconv", {"width": 0.5}, (3, 32, 32), ("layer", "layer")),
+    ("allconv", {"width": 0.25}, (3, 32, 32), ("none", "channel")),
+    ("allconv", {"width": 0.25}, (3, 32, 32), ("layer", "layer")),
     ("mlp", {}, (3, 32, 32), ("layer", "layer")),
 )
 
@@ -83,6 +83,7 @@ def run_case(spec, args, size, modes, batch, rounds, iters) -> dict:
             times[k]["infer"].append(time_inference(m, x, iters))
             times[k]["step"].append(time_step(m, x, y, opts[k], iters))
     med = {k: {w: statistics.median(v) for w, v in t.items()} for k, t in times.items()}
+    best = {k: {w: min(v) for w, v in t.items()} for k, t in times.items()}
     out = {
         "model": spec, "model_args": args, "shift": modes[0], "scale": modes[1], "batch": batch,
         "max_abs_diff_folded_vs_surgered": diff, "max_abs_output": ref.abs().max().item(),
@@ -90,22 +91,24 @@ def run_case(spec, args, size, modes, batch, rounds, iters) -> dict:
                  "kept": report.count("kept"), "modules_plain": sum(1 for _ in models["plain"].modules()),
                  "modules_surgered": report.modules_before, "modules_folded": report.modules_after},
     }  # fmt: skip
-    for k in models:
+    for k in models:  # the fastest round: other jobs on a shared CPU only ever add time
         out[k] = {
-            "infer_ms": 1e3 * med[k]["infer"],
-            "step_ms": 1e3 * med[k]["step"],
-            "infer_vs_plain": med[k]["infer"] / med["plain"]["infer"],
-            "step_vs_plain": med[k]["step"] / med["plain"]["step"],
+            "infer_ms": 1e3 * best[k]["infer"],
+            "step_ms": 1e3 * best[k]["step"],
+            "infer_vs_plain": best[k]["infer"] / best["plain"]["infer"],
+            "step_vs_plain": best[k]["step"] / best["plain"]["step"],
+            "infer_ms_median": 1e3 * med[k]["infer"],
+            "step_ms_median": 1e3 * med[k]["step"],
         }
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median)")
-    ap.add_argument("--iters", type=int, default=5, help="iterations per round and model")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=20, help="interleaved rounds (fastest kept)")
+    ap.add_argument("--iters", type=int, default=3, help="iterations per round and model")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fold_speed_cpu.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

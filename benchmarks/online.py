@@ -81,7 +81,7 @@ def main() -> None:
     cfg = recipe.base
     out = {
         "benchmark": "online", "machine": f"{platform.machine()} {platform.processor()}".strip(),
-        "cpus": torch.get_num_threads(), "torch": torch.__version__, "stream": args.stream,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "stream": args.stream,
         "lr": cfg["lr"], "momentum": cfg["momentum"], "data": cfg["data"],
         "time_s": round(time.perf_counter() - t_all, 1), "parts": parts,
         "runs_folder": str(args.out),

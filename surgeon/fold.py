@@ -448,9 +448,12 @@ def fold(
             hint="pass the model surgeon.insert() or surgeon.replace_norm() returned, or surgeon.load(folder)",
         )
     rec = copy.deepcopy(getattr(model, "surgeon_record", None) or {"passes": [], "sites": []})
-    size = _input_size(rec, input_size)
-    inputs = tuple(example_inputs) if example_inputs is not None else None
-    inputs = inputs or shapes.example_inputs_for(size)
+    if example_inputs is not None and input_size is None:
+        inputs = tuple(example_inputs)
+        size = tuple(int(d) for d in inputs[0].shape[1:])
+    else:
+        size = _input_size(rec, input_size)
+        inputs = tuple(example_inputs or ()) or shapes.example_inputs_for(size)
     gm = copy.deepcopy(model)
     shapes.propagate(gm, inputs)
     nodes = [

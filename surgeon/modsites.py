@@ -479,7 +479,7 @@ def _kept_whole(node: fx.Node) -> bool:
     return (
         node.op == "call_function"
         and isinstance(fn, types.FunctionType)
-        and not mod.startswith(("torch", "operator", "builtins", "math", "_operator"))
+        and mod.split(".")[0] not in ("torch", "operator", "_operator", "builtins", "math")
         and fn not in registry.ACT_FUNCTIONS
     )
 
