@@ -397,8 +397,15 @@ def strip(model: fx.GraphModule) -> fx.GraphModule:
         record["sites"] = []
         gm.surgeon_record = record
         return gm
+    # only the modules the shift/scale pass inserted: a ShiftScale that replaced a BatchNorm
+    # (replace_norm) or absorbed one is part of the model's function and stays
+    inserted = {s["module"] for s in _record(gm).get("sites", []) if s.get("module")}
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ShiftScale):
+        if (
+            node.op == "call_module"
+            and node.target in inserted
+            and isinstance(gm.get_submodule(node.target), ShiftScale)
+        ):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             gm.delete_submodule(node.target)
