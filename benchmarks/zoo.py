@@ -5,7 +5,7 @@ For each architecture (no pretrained weights), one worker process:
 
 1. builds the model on the meta device and counts its parameters; models up to
    ``--max-params`` (100M) are built again for real (random init, CPU), bigger ones stay meta;
-2. times ``surgeon.insert(model, "layer", "layer")`` (trace, shape propagation, sites,
+2. times ``surgeon.insert(model, "layer", "layer", fallback="auto")`` (trace, shape propagation, sites,
    insertion; eval mode, the model's own input size) and records the method (fx, hybrid,
    eager) and the sites by kind;
 3. counts the activation calls of one eager forward (batch 1; real tensors, or meta for
@@ -218,7 +218,7 @@ def run_one(spec: str, max_params: float) -> dict:
     size = tuple(default_input_size(model))
     row["input_size"] = "x".join(map(str, size))
     t = time.perf_counter()
-    gm = surgeon.insert(model, "layer", "layer", input_size=size)
+    gm = surgeon.insert(model, "layer", "layer", input_size=size, fallback="auto")
     row["time_s"] = round(time.perf_counter() - t, 3)
     rec = gm.surgeon_record
     sites = rec["sites"]

@@ -60,10 +60,10 @@ def insert_command(
     fallback: Annotated[
         str,
         typer.Option(
-            help="when torch.fx cannot trace MODEL: auto (insert at module level, with a "
-            "warning), eager (always module level) or never (fail)"
+            help="when torch.fx cannot trace MODEL: never (fail, the default), auto (insert "
+            "at module level, with a warning) or eager (always module level)"
         ),
-    ] = "auto",
+    ] = "never",
 ) -> None:
     """Insert shift/scale modules into MODEL and report the sites."""
     surgeon.layers.check_mode(shift, "shift mode")

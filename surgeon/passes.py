@@ -185,7 +185,7 @@ def insert(
     example_inputs: Sequence[torch.Tensor] | None = None,
     leaf: Iterable[str | type] = (),
     fused: bool = False,
-    fallback: str = "auto",
+    fallback: str = "never",
 ) -> fx.GraphModule:
     """Insert ``ShiftScale(shift, scale)`` after the model's input and every non-final
     activation. Returns a new GraphModule that computes exactly the same outputs at init.
@@ -204,7 +204,8 @@ def insert(
         leaf: extra leaf module classes (or class names) for the tracer.
         fused: make the modules use the one-pass op of :mod:`surgeon.fused`.
         fallback: when torch.fx cannot trace the model: ``auto`` inserts at module level
-            with a warning, ``eager`` always inserts at module level, ``never`` raises.
+            with a warning, ``eager`` always inserts at module level, ``never`` (the default)
+            raises the tracer's error.
     """
     check_mode(shift, "shift mode")
     check_mode(scale, "scale mode")

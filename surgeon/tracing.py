@@ -188,7 +188,7 @@ def _trace_error(model: nn.Module, exc: BaseException) -> TraceError:
     loc = f" at {where}" if where else ""
     return TraceError(
         f"cannot trace {type(model).__name__} with torch.fx{loc}: {reason}",
-        hint="mark the module that does data-dependent control flow as a leaf with --leaf ClassName",
+        hint="mark the module that does data-dependent control flow as a leaf with --leaf ClassName, or insert at module level with --fallback auto",
     )
 
 

@@ -211,7 +211,7 @@ def bad_input_cases(models_dir: Path, tmp_path: Path) -> dict[str, tuple[list[st
             ["unknown model 'resnet18'", "did you mean timm:resnet18"],
         ),
         "untraceable": (
-            [str(untraceable), "--fallback", "never"],
+            [str(untraceable)],  # --fallback never is the default
             ["cannot trace Untraceable", f"untraceable.py:{line}", "control flow", "--leaf"],
         ),
         "invalid shift": (["allconv", "--shift", "channels"], ["invalid shift mode 'channels'"]),
@@ -265,14 +265,16 @@ def test_the_typer_app_raises_surgeon_errors(runner, case, models_dir, tmp_path)
 
 
 def test_untraceable_model_names_the_tracers_reason_and_the_users_line(models_dir, capsys):
-    """With the default ``--fallback auto`` the command goes on at module level (the eager
-    fallback) and its warning still gives the tracer's reason and the user's file:line;
-    ``--fallback never`` makes it the exit-2 error of ``test_bad_input_exits_2...``."""
+    """By default (``--fallback never``) this is the exit-2 error of ``test_bad_input_exits_2...``;
+    with ``--fallback auto`` the command goes on at module level (the eager fallback) and its
+    warning still gives the tracer's reason and the user's file:line."""
     path = models_dir / "untraceable.py"
     line = next(
         i for i, text in enumerate(path.read_text().splitlines(), 1) if "x.mean() > 0" in text
     )
-    assert main(["insert", str(path), "--json"]) == 0
+    assert main(["insert", str(path), "--json"]) == 2
+    capsys.readouterr()
+    assert main(["insert", str(path), "--json", "--fallback", "auto"]) == 0
     captured = capsys.readouterr()
     assert one_json_object(captured.out)["max_abs_diff_at_init"] == 0.0
     err = " ".join(captured.err.split())

@@ -60,7 +60,7 @@ def model_path(tmp_path):
 
 def _insert(model, *args, **kwargs):
     with pytest.warns(UserWarning, match=r"cannot trace Branchy .*method: eager"):
-        return surgeon.insert(model, *args, **kwargs)
+        return surgeon.insert(model, *args, fallback="auto", **kwargs)
 
 
 def test_fx_cannot_trace_it(model_path) -> None:
@@ -139,12 +139,12 @@ def test_eager_can_be_asked_for_on_a_traceable_model(max_abs_diff) -> None:
 
 
 def test_the_cli_says_which_method_in_one_line(model_path) -> None:
-    result = CliRunner().invoke(app, ["insert", str(model_path), "--json"])
+    result = CliRunner().invoke(app, ["insert", str(model_path), "--json", "--fallback", "auto"])
     assert result.exit_code == 0, result.output
     obj = json.loads(result.stdout)
     assert obj["method"] == "eager" and obj["max_abs_diff_at_init"] == 0.0
     assert [u["target"] for u in obj["unreached"]] == ["F.gelu"]
     (warned,) = [line for line in result.stderr.splitlines() if "cannot trace" in line]
     assert warned.startswith("warning:") and warned.endswith("(method: eager)")
-    never = CliRunner().invoke(app, ["insert", str(model_path), "--fallback", "never"])
+    never = CliRunner().invoke(app, ["insert", str(model_path)])  # never is the default
     assert never.exit_code != 0
