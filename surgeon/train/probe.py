@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..errors import TrainError
 from ..layers import ChannelBatchNorm, ShiftScale
 from ..passes import analyse
 
@@ -45,6 +46,8 @@ class Probe:
     """Measures ``act_mean``, ``act_std``, ``grad_norm_before`` and ``grad_norm_after`` per site."""
 
     def __init__(self, model: fx.GraphModule, input_size: tuple[int, ...]) -> None:
+        if not isinstance(model, fx.GraphModule):
+            raise TrainError("--probe needs a model torch.fx can trace", hint="drop --probe or use --leaf")
         sites = analyse(model, input_size=input_size).sites
         nodes = {n.name: n for n in model.graph.nodes}
         self.model = model
