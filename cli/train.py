@@ -76,6 +76,10 @@ def train_command(
     probe: Annotated[
         bool | None, Opt("--probe", help="log per-site activation stats and gradient norms")
     ] = None,
+    tensorboard: Annotated[
+        bool | None,
+        Opt("--tensorboard", help="also write TensorBoard event files (needs tensorboard)"),
+    ] = None,
     limit_train: Annotated[
         int | None, Opt(help="class-balanced subset of the training split")
     ] = None,
@@ -113,7 +117,7 @@ def train_command(
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "ss_lr_mult": ss_lr_mult, "ss_wd": ss_wd,
         "ss_decay_to": ss_decay_to, "momentum": momentum, "nesterov": nesterov, "wd": wd,
         "schedule": schedule, "warmup_epochs": warmup_epochs, "seed": seed, "precision": precision,
-        "compile": compile, "ema": ema, "probe": probe, "limit_train": limit_train,
+        "compile": compile, "ema": ema, "probe": probe, "tensorboard": tensorboard, "limit_train": limit_train,
         "limit_test": limit_test, "checkpoint_every": checkpoint_every, "device": device,
         "accum_steps": accum_steps, "sync_bn": sync_bn, "pretrained": pretrained,
     }  # fmt: skip

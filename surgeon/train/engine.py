@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -203,6 +204,9 @@ class Trainer:
             )
         self.flush_every = 1 if self.device.type == "cpu" else 25
         self.state = RunState(world_size=world)
+        self.tb = (
+            _tensorboard_writer(self.out / "tensorboard") if cfg.tensorboard and self.main else None
+        )
         self.probe = Probe(self.model, self.input_size) if cfg.probe and self.main else None
         if self.probe is not None:  # a fixed, unaugmented batch of training images
             probe_loader = Loader(
@@ -360,6 +364,9 @@ class Trainer:
                     "lr": lr,
                 }
             )
+            if self.tb is not None:
+                for key in ("loss", "ema_loss", "lr"):
+                    self.tb.add_scalar(f"train/{key}", rows[-1][key], step)
         self._log(rows)
         self.reporter.step(first_step + len(values) - 1, st.ema_loss, lrs[-1])
         return None
@@ -471,6 +478,17 @@ class Trainer:
                     st.best_val_err, st.best_epoch = val_err, st.epoch
                 st.batch, st.loss_sum, st.correct, st.seen = 0, 0.0, 0, 0
                 self._log([row])
+                if self.tb is not None:
+                    for key in (
+                        "train_loss",
+                        "train_err",
+                        "val_loss",
+                        "val_err",
+                        "val_acc",
+                        "images_per_s",
+                    ):
+                        self.tb.add_scalar(f"epoch/{key}", row[key], st.epoch)
+                    self.tb.flush()
                 self._log_probe()
                 if self.main:
                     save_file(
@@ -514,6 +532,20 @@ class Trainer:
             if run["batch"] == 0 or run["step"] < diverged_at - 1:
                 shutil.copyfile(ckpt / "model.safetensors", self.out / "model.safetensors")
                 return
+
+
+def _tensorboard_writer(folder: Path):
+    """A SummaryWriter when tensorboard is installed; else a warning and None (the run folder's
+    metrics.jsonl stays the source of truth either way)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn(
+            "--tensorboard: the tensorboard package is not installed; writing metrics.jsonl only (pip install tensorboard)",
+            stacklevel=2,
+        )
+        return None
+    return SummaryWriter(str(folder))
 
 
 def _fault_step(rank: int) -> int | None:

@@ -47,7 +47,9 @@ class Probe:
 
     def __init__(self, model: fx.GraphModule, input_size: tuple[int, ...]) -> None:
         if not isinstance(model, fx.GraphModule):
-            raise TrainError("--probe needs a model torch.fx can trace", hint="drop --probe or use --leaf")
+            raise TrainError(
+                "--probe needs a model torch.fx can trace", hint="drop --probe or use --leaf"
+            )
         sites = analyse(model, input_size=input_size).sites
         nodes = {n.name: n for n in model.graph.nodes}
         self.model = model
