@@ -266,3 +266,13 @@ def test_cli_fold_bad_folder(tmp_path, capsys, make):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:") and "hint:" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_params_refuses_a_folded_model_clearly(tmp_path) -> None:
+    from surgeon_cli.app import main
+
+    import surgeon
+
+    gm = surgeon.insert(surgeon.build_model("allconv", {"width": 0.25}), "none", "channel")
+    surgeon.save(surgeon.fold(gm)[0], tmp_path / "folded")
+    assert main(["inspect-params", str(tmp_path / "folded")]) == 2

@@ -203,6 +203,11 @@ def read_params(weights: Path, sites: list[dict[str, Any]]) -> dict[str, torch.T
 
 def _check_params(target: Target) -> None:
     modes = target.modes
+    if any(s.get("folded_into") or s.get("scale_folded_into") for s in target.sites):
+        raise AnalysisError(
+            f"{target.weights} is a folded model: its shift/scale values were merged into the weights",
+            hint="inspect the surgered model or run saved before `surgeon fold`",
+        )
     for site in target.sites:
         for name in PARAMS:
             if modes[name] != "none" and f"{site['module']}.{name}" not in target.tensors:
@@ -266,6 +271,11 @@ def load_target(path: str | Path) -> Target:
         "checkpoint": f"{base}:{weights.parent.name if weights.name == WEIGHTS_FILE else weights.stem}",
     }.get(kind, base)
     target = Target(path, kind, label, record, weights, {}, run_dir, config, epoch)
+    if record.get("fold"):
+        raise AnalysisError(
+            f"{path} is a folded model: its shift/scale values were merged into the weights",
+            hint="inspect the surgered model or run saved before `surgeon fold`",
+        )
     if not target.sites:
         raise AnalysisError(
             f"{path} has no shift/scale sites ({target.variant})",

@@ -35,6 +35,8 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step_<step>`` under ``folder`` and point ``latest.json`` at it."""
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".step_*"):  # a write cut short by a killed process
+        shutil.rmtree(stale, ignore_errors=True)
     name = f"step_{state['step']:08d}"
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{name}."))
     names = {id(p): n for n, p in model.named_parameters()}
