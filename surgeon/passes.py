@@ -236,25 +236,44 @@ def insert(
             _insert_after(gm, nodes[site.name], site.module, module)
     else:
         chosen = []
+    # replayed by surgeon.load with fallback "never": the same method, or an error
     record["passes"].append(
-        {
-            "name": "shift_scale",
-            "shift": shift,
-            "scale": scale,
-            "include": include,
-            "exclude": exclude,
-            "input_size": list(a.input_size),
-            "leaf": a.leaf,
-            "traced_in": "train" if model.training else "eval",
-            "fused": bool(fused),
-            "method": a.method,
-            "fallback": "never",  # replayed by surgeon.load: the same method, or an error
-        }
+        _shift_scale_entry(
+            model, shift, scale, include, exclude, a.input_size, a.leaf, fused, a.method, "never"
+        )
     )
     record["sites"] = [s.to_dict() for s in chosen]
     record.update(method=a.method, finals=a.finals, unreached=a.unreached)
     _warn_mode(gm, record)
     return _finish(gm, record, model.training)
+
+
+def _shift_scale_entry(
+    model: nn.Module,
+    shift: str,
+    scale: str,
+    include: list[str],
+    exclude: list[str],
+    size: Sequence[int],
+    leaf: list[str],
+    fused: bool,
+    method: str,
+    fallback: str,
+) -> dict[str, Any]:
+    """The record of one shift/scale pass: what surgeon.load needs to replay it."""
+    return {
+        "name": "shift_scale",
+        "shift": shift,
+        "scale": scale,
+        "include": include,
+        "exclude": exclude,
+        "input_size": list(size),
+        "leaf": leaf,
+        "traced_in": "train" if model.training else "eval",
+        "fused": bool(fused),
+        "method": method,
+        "fallback": fallback,
+    }
 
 
 def _check_fallback(fallback: str) -> None:
@@ -295,20 +314,11 @@ def _insert_eager(
         msg = f"{why}; inserted at module level instead (method: eager)"
         warnings.warn(msg, stacklevel=3)
         record.setdefault("warnings", []).append(msg)
+    names = [c if isinstance(c, str) else c.__name__ for c in leaf]
     record["passes"].append(
-        {
-            "name": "shift_scale",
-            "shift": shift,
-            "scale": scale,
-            "include": include,
-            "exclude": exclude,
-            "input_size": list(size),
-            "leaf": [c if isinstance(c, str) else c.__name__ for c in leaf],
-            "traced_in": "train" if model.training else "eval",
-            "fused": bool(fused),
-            "method": "eager",
-            "fallback": "eager",
-        }
+        _shift_scale_entry(
+            model, shift, scale, include, exclude, size, names, fused, "eager", "eager"
+        )
     )
     record["sites"] = [s.to_dict() for s in chosen]
     record.update(method="eager", finals=a.finals, unreached=a.unreached)
