@@ -11,9 +11,12 @@ calls whose flag is the only difference become ``nn.Dropout`` modules (which rea
 from __future__ import annotations
 
 import copy
+import dis
+import functools
 import inspect
 import os
 import re
+import sys
 import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_arg
+from torch.fx.proxy import ParameterProxy
 
 from . import registry
 from .errors import TraceError
@@ -79,6 +83,34 @@ def _torchvision_ops() -> None:
         pass
 
 
+@functools.lru_cache(maxsize=4096)
+def _instructions(code: Any) -> tuple[list[int], list[dis.Instruction]]:
+    insts = list(dis.get_instructions(code))
+    return [i.offset for i in insts], insts
+
+
+class _Proxy(fx.Proxy):
+    """``fx.Proxy`` whose ``__iter__`` disassembles each calling function once, not on
+    every call (fx decodes the whole caller's bytecode each time a proxy is unpacked)."""
+
+    def __iter__(self):
+        frame = inspect.currentframe()
+        caller = frame.f_back if frame is not None else None
+        if caller is None:  # pragma: no cover - CPython always has frames
+            return super().__iter__()
+        offsets, insts = _instructions(caller.f_code)
+        if sys.version_info >= (3, 11):
+            import bisect
+
+            idx = bisect.bisect_left(offsets, caller.f_lasti)
+        else:  # pragma: no cover - Python 3.10
+            idx = caller.f_lasti // 2
+        inst = insts[idx]
+        if inst.opname == "UNPACK_SEQUENCE":
+            return (self[i] for i in range(inst.argval))
+        return self.tracer.iter(self)
+
+
 class SurgeonTracer(fx.Tracer):
     """An FX tracer whose leaves are torch.nn modules, timm's registered leaves,
     registered activation and norm-act classes, and any extra classes the user names."""
@@ -95,6 +127,53 @@ class SurgeonTracer(fx.Tracer):
         if isinstance(m, (ShiftScale, *self.leaf_types)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        self._tensor_names: tuple[dict[int, str], dict[int, str]] | None = None
+        return super().trace(root, concrete_args)
+
+    def _tensor_name(self, value: torch.Tensor) -> str | None:
+        """The qualified name of a parameter or buffer of the root, by identity, from
+        dictionaries built once per trace (fx scans ``named_parameters()`` or
+        ``named_buffers()`` for every read, which made tracing quadratic in the number of
+        parameters: seconds for a MaxViT)."""
+        if getattr(self, "_tensor_names", None) is None:
+            params: dict[int, str] = {}
+            buffers: dict[int, str] = {}
+            for n, p in self.root.named_parameters():
+                params.setdefault(id(p), n)
+            for n, b in self.root.named_buffers():
+                buffers.setdefault(id(b), n)
+            self._tensor_names = (params, buffers)
+        params, buffers = self._tensor_names
+        if isinstance(value, nn.Parameter):
+            return params.get(id(value))
+        return buffers.get(id(value))
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, torch.Tensor) and isinstance(getattr(self, "root", None), nn.Module):
+            name = self._tensor_name(a)
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)  # constants, and tensors registered during the trace
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        name = None
+        if isinstance(attr_val, nn.Parameter):
+            name = self._tensor_name(attr_val)
+        elif isinstance(attr_val, torch.Tensor) and self.proxy_buffer_attributes:
+            name = self._tensor_name(attr_val)
+        if name is None:  # not a tensor, or registered during the trace: fx's own scan
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            kwargs: dict[str, Any] = {}
+            if self.param_shapes_constant:
+                kwargs["proxy_factory_fn"] = lambda node: ParameterProxy(self, node, name, attr_val)
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {}, **kwargs)
+        return parameter_proxy_cache[name]
 
 
 def resolve_leaf_names(model: nn.Module, names: Sequence[str]) -> list[type]:

@@ -1,0 +1,58 @@
+"""SurgeonTracer's fast paths give the graph torch.fx's own tracer gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx, nn
+
+from surgeon.tracing import SurgeonTracer
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight  # one parameter, two names
+        self.register_buffer("offset", torch.arange(4.0))
+        self.gain = nn.Parameter(torch.ones(4))
+        self.const = torch.full((4,), 2.0)  # a plain tensor attribute, not a buffer
+
+    def forward(self, x):
+        x = torch.nn.functional.linear(x, self.b.weight) * self.gain
+        x = x + self.offset + self.const
+        lo, hi = x.chunk(2, dim=1)  # unpacking a proxy
+        if not hasattr(self, "late"):
+            self.register_buffer("late", torch.ones(2), persistent=False)
+        return torch.cat([hi, lo + self.late], dim=1) + torch.add(x, self.offset)
+
+
+def _summary(graph: fx.Graph) -> list[tuple[str, str]]:
+    return [(n.op, str(n.target)) for n in graph.nodes]
+
+
+def test_same_graph_as_fx_tracer():
+    mine = SurgeonTracer().trace(Tied())
+    theirs = fx.Tracer().trace(Tied())
+    assert _summary(mine) == _summary(theirs)
+    attrs = [n.target for n in mine.nodes if n.op == "get_attr"]
+    assert "a.weight" in attrs and "b.weight" not in attrs  # first name of a tied parameter
+    assert {"gain", "offset", "late"} <= set(attrs)
+
+
+def test_traced_module_computes_the_same():
+    torch.manual_seed(0)
+    m = Tied()
+    gm = fx.GraphModule(m, SurgeonTracer().trace(m))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(gm(x), m(x), rtol=0, atol=0)
+
+
+def test_iterating_a_proxy_still_fails_clearly():
+    class Loop(nn.Module):
+        def forward(self, x):
+            return sum(t for t in x)
+
+    with pytest.raises(fx.proxy.TraceError, match="iterated"):
+        SurgeonTracer().trace(Loop())
