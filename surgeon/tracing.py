@@ -162,9 +162,8 @@ class SurgeonTracer(fx.Tracer):
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         name = None
-        if isinstance(attr_val, nn.Parameter):
-            name = self._tensor_name(attr_val)
-        elif isinstance(attr_val, torch.Tensor) and self.proxy_buffer_attributes:
+        tracked = isinstance(attr_val, torch.Tensor) and self.proxy_buffer_attributes
+        if isinstance(attr_val, nn.Parameter) or tracked:
             name = self._tensor_name(attr_val)
         if name is None:  # not a tensor, or registered during the trace: fx's own scan
             return super().getattr(attr, attr_val, parameter_proxy_cache)
