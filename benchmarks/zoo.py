@@ -33,7 +33,6 @@ import csv
 import json
 import math
 import os
-import re
 import select
 import statistics
 import subprocess
@@ -127,78 +126,11 @@ def _build(spec: str, meta: bool):
     return surgeon.build_model(spec)
 
 
-def _target_key(target: str) -> str:
-    m = re.fullmatch(r"x\*(.+)\(x\)", target)  # x * sigmoid(x): one sigmoid call
-    return m.group(1) if m else target
-
-
-class _Counter:
-    """Count the activation calls of one forward: module, function and method forms."""
-
-    def __init__(self, model) -> None:
-        from torch.overrides import TorchFunctionMode
-
-        from surgeon import registry
-        from surgeon.sites import _describe
-
-        self.events: Counter[str] = Counter()
-        self.depth = 0
-        counter = self
-
-        class Mode(TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                if not counter.depth:
-                    name = getattr(func, "__name__", None)
-                    try:
-                        hit = func in registry.ACT_FUNCTIONS
-                    except TypeError:
-                        hit = False
-                    if hit:
-                        counter.events[_describe(func)] += 1
-                    elif name in registry.ACT_METHODS and getattr(_T, name, None) is func:
-                        counter.events[_describe(name)] += 1
-                return out
-
-        import torch
-
-        _T = torch.Tensor
-        self.mode = Mode()
-        self.handles = []
-        for m in model.modules():
-            if registry.lookup_module(m) is None:
-                continue
-            target = _describe(type(m))
-
-            def pre(mod, args, target=target):
-                if not counter.depth:
-                    counter.events[target] += 1
-                counter.depth += 1
-
-            def post(mod, args, out):
-                counter.depth -= 1
-
-            self.handles.append(m.register_forward_pre_hook(pre))
-            self.handles.append(m.register_forward_hook(post, always_call=True))
-
-    def run(self, model, x) -> Counter[str]:
-        try:
-            with self.mode:
-                model(x)
-        finally:
-            for h in self.handles:
-                h.remove()
-        return self.events
-
-
-def _short(reason: str) -> str:
-    return re.sub(r" \([^)]*\)", "", reason)
-
-
 def run_one(spec: str, max_params: float) -> dict:
     import torch
 
     import surgeon
+    from surgeon.coverage import compare, count_activation_calls
     from surgeon.models.sources import default_input_size
     from surgeon.report_insert import max_abs_diff_at_init
 
@@ -236,40 +168,19 @@ def run_one(spec: str, max_params: float) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, *size, generator=g).to(device)
     try:
-        with torch.no_grad():
-            runtime = _Counter(model).run(model, x)
+        runtime = count_activation_calls(model, x)
     except Exception as exc:  # a meta forward without a kernel, ...
         row["error"] = f"recall run failed: {type(exc).__name__}: {str(exc)[:200]}"
         runtime = None
     if runtime is not None:
-        found: Counter[str] = Counter()
-        for s in sites:
-            if s["kind"] != "input":
-                found[_target_key(s["target"])] += s.get("extra", {}).get("calls", 1)
-        for f in rec.get("finals", []):
-            found[_target_key(f["target"])] += f["calls"]
-        for u in rec.get("unreached", []):
-            found[_target_key(u["target"])] += u["calls"]
-        total = sum(runtime.values())
-        covered = sum(s.get("extra", {}).get("calls", 1) for s in sites if s["kind"] != "input")
-        reasons: Counter[str] = Counter()
-        if row["finals"]:
-            reasons["final (reaches the output without a parametrised layer)"] += row["finals"]
-        for u in rec.get("unreached", []):
-            reasons[_short(u["reason"])] += u["calls"]
-        for key in sorted(set(runtime) | set(found)):
-            d = runtime[key] - found[key]
-            if d:
-                why = f"UNEXPLAINED {key}: {runtime[key]} calls at run time, {found[key]} found"
-                reasons[why] += abs(d)
-        explained = runtime == found
+        cov = compare(rec, runtime)
         row.update(
-            runtime_calls=total,
-            recall=round(covered / total, 4) if total else 1.0,
-            explained=explained,
-            recall_exact=explained and not row["unreached"],
+            runtime_calls=cov.total,
+            recall=round(cov.recall, 4),
+            explained=cov.explained,
+            recall_exact=cov.explained and not row["unreached"],
             recall_on="meta" if big else "real",
-            reasons="; ".join(f"{n}x {r}" for r, n in reasons.most_common()),
+            reasons="; ".join(f"{n}x {r}" for r, n in cov.reasons.most_common()),
         )
     if not big:
         row["max_abs_diff"] = max_abs_diff_at_init(model, gm, (x,))

@@ -60,10 +60,11 @@ def insert_command(
     fallback: Annotated[
         str,
         typer.Option(
-            help="when torch.fx cannot trace MODEL: never (fail, the default), auto (insert "
-            "at module level, with a warning) or eager (always module level)"
+            help="when torch.fx cannot trace MODEL: auto (the default: insert at module level "
+            "and say so, or fail if that reaches no activation), never (fail) or eager "
+            "(always module level)"
         ),
-    ] = "never",
+    ] = "auto",
 ) -> None:
     """Insert shift/scale modules into MODEL and report the sites."""
     surgeon.layers.check_mode(shift, "shift mode")

@@ -106,24 +106,26 @@ def find_sites(
     input_size: Sequence[int] | str | None = None,
     example_inputs: Sequence[torch.Tensor] | None = None,
     leaf: Iterable[str | type] = (),
-    fallback: str = "never",
+    fallback: str = "auto",
 ) -> list[Site]:
     """The sites ``insert`` would use, in graph order.
 
-    Unlike :func:`insert`, an untraceable model raises unless ``fallback`` is ``auto`` or
-    ``eager`` (the sites of the eager fallback).
+    ``fallback`` as in :func:`insert`: with ``auto`` (the default), the sites of the eager
+    fallback when torch.fx cannot trace the model.
     """
     _check_fallback(fallback)
     try:
         if fallback == "eager":
             raise TraceError("eager insertion was asked for")
         a = analyse(model, input_size=input_size, example_inputs=example_inputs, leaf=leaf)
-    except TraceError:
+    except TraceError as exc:
         if fallback == "never":
             raise
         size = _parse_input_size(input_size, model)
         inputs = example_inputs or shapes.example_inputs_for(size)
         ea = eager.analyse_eager(model, inputs, _user_leaf_types(model, leaf))
+        if fallback == "auto":
+            _check_reaches(ea, exc)
         return sites_mod.select(ea.sites, include, exclude)
     return sites_mod.select(a.sites, include, exclude)
 
@@ -185,7 +187,7 @@ def insert(
     example_inputs: Sequence[torch.Tensor] | None = None,
     leaf: Iterable[str | type] = (),
     fused: bool = False,
-    fallback: str = "never",
+    fallback: str = "auto",
 ) -> fx.GraphModule:
     """Insert ``ShiftScale(shift, scale)`` after the model's input and every non-final
     activation. Returns a new GraphModule that computes exactly the same outputs at init.
@@ -203,9 +205,10 @@ def insert(
         example_inputs: tensors to propagate instead of a random input of ``input_size``.
         leaf: extra leaf module classes (or class names) for the tracer.
         fused: make the modules use the one-pass op of :mod:`surgeon.fused`.
-        fallback: when torch.fx cannot trace the model: ``auto`` inserts at module level
-            with a warning, ``eager`` always inserts at module level, ``never`` (the default)
-            raises the tracer's error.
+        fallback: when torch.fx cannot trace the model: ``auto`` (the default) inserts at
+            module level (the eager fallback) with a one-line warning, unless that reaches no
+            activation call, when it raises the tracer's error; ``eager`` always inserts at
+            module level; ``never`` raises the tracer's error.
     """
     check_mode(shift, "shift mode")
     check_mode(scale, "scale mode")
@@ -219,7 +222,7 @@ def insert(
     except TraceError as exc:
         if fallback == "never":
             raise
-        why = None if fallback == "eager" else exc.message
+        why = None if fallback == "eager" else exc
         opts = dict(include=include, exclude=exclude, input_size=input_size, leaf=leaf)
         return _insert_eager(model, shift, scale, record, why, example_inputs, fused, **opts)
     chosen = sites_mod.select(a.sites, include, exclude)
@@ -276,6 +279,18 @@ def _shift_scale_entry(
     }
 
 
+def _check_reaches(a: eager.EagerAnalysis, exc: TraceError) -> None:
+    """The automatic fallback is worth taking only if it reaches an activation call;
+    otherwise the tracer's error (and its hint) is the useful answer."""
+    if any(s.kind != "input" for s in a.sites) or not a.unreached:
+        return
+    calls = sum(u["calls"] for u in a.unreached)
+    raise TraceError(
+        f"{exc.message} (the module-level fallback reaches none of its {calls} activation calls)",
+        hint=exc.hint,
+    ) from exc
+
+
 def _check_fallback(fallback: str) -> None:
     if fallback not in FALLBACKS:
         raise SurgeryError(f"invalid fallback {fallback!r}", hint=f"choose {', '.join(FALLBACKS)}")
@@ -292,7 +307,7 @@ def _insert_eager(
     shift: str,
     scale: str,
     record: dict[str, Any],
-    why: str | None,
+    why: TraceError | None,
     example_inputs: Sequence[torch.Tensor] | None,
     fused: bool,
     *,
@@ -306,12 +321,14 @@ def _insert_eager(
     size = _parse_input_size(input_size, model)
     inputs = example_inputs or shapes.example_inputs_for(size)
     a = eager.analyse_eager(model, inputs, _user_leaf_types(model, leaf))
+    if why is not None:
+        _check_reaches(a, why)
     chosen = sites_mod.select(a.sites, include, exclude)
     if shift == "none" and scale == "none":
         chosen = []
     m = eager.insert_sites(a, chosen, shift, scale, fused)
     if why is not None:
-        msg = f"{why}; inserted at module level instead (method: eager)"
+        msg = f"{why.message}; inserted at module level instead (method: eager)"
         warnings.warn(msg, stacklevel=3)
         record.setdefault("warnings", []).append(msg)
     names = [c if isinstance(c, str) else c.__name__ for c in leaf]

@@ -193,6 +193,12 @@ def bad_input_cases(models_dir: Path, tmp_path: Path) -> dict[str, tuple[list[st
         for i, text in enumerate(untraceable.read_text().splitlines(), 1)
         if "x.mean() > 0" in text
     )
+    functional = models_dir / "untraceable_functional.py"
+    fline = next(
+        i
+        for i, text in enumerate(functional.read_text().splitlines(), 1)
+        if "x.mean() > 0" in text
+    )
     return {
         "missing file": ([str(tmp_path / "nope.py")], ["model file not found", "nope.py"]),
         "syntax error": ([str(syntax)], [f"{syntax}:3", "syntax error"]),
@@ -211,8 +217,18 @@ def bad_input_cases(models_dir: Path, tmp_path: Path) -> dict[str, tuple[list[st
             ["unknown model 'resnet18'", "did you mean timm:resnet18"],
         ),
         "untraceable": (
-            [str(untraceable)],  # --fallback never is the default
+            [str(untraceable), "--fallback", "never"],
             ["cannot trace Untraceable", f"untraceable.py:{line}", "control flow", "--leaf"],
+        ),
+        "untraceable, fallback reaches nothing": (
+            [str(functional)],  # --fallback auto is the default
+            [
+                "cannot trace Untraceable",
+                f"untraceable_functional.py:{fline}",
+                "control flow",
+                "reaches none of its 1 activation calls",
+                "--leaf",
+            ],
         ),
         "invalid shift": (["allconv", "--shift", "channels"], ["invalid shift mode 'channels'"]),
         "invalid scale": (
@@ -234,6 +250,7 @@ def bad_input_cases(models_dir: Path, tmp_path: Path) -> dict[str, tuple[list[st
 CASES = [
     "missing file", "syntax error", "import error", "no model", "two models",
     "missing attribute", "unknown timm", "unknown torchvision", "unknown spec", "bare timm name", "untraceable",
+    "untraceable, fallback reaches nothing",
     "invalid shift", "invalid scale", "bad model arg", "unknown model arg", "bad input size",
     "wrong input size", "unknown leaf", "output not a model folder",
 ]  # fmt: skip
@@ -265,16 +282,16 @@ def test_the_typer_app_raises_surgeon_errors(runner, case, models_dir, tmp_path)
 
 
 def test_untraceable_model_names_the_tracers_reason_and_the_users_line(models_dir, capsys):
-    """By default (``--fallback never``) this is the exit-2 error of ``test_bad_input_exits_2...``;
-    with ``--fallback auto`` the command goes on at module level (the eager fallback) and its
-    warning still gives the tracer's reason and the user's file:line."""
+    """With ``--fallback never`` this is the exit-2 error of ``test_bad_input_exits_2...``;
+    by default (``--fallback auto``) the command goes on at module level (the eager fallback)
+    and its one-line warning still gives the tracer's reason and the user's file:line."""
     path = models_dir / "untraceable.py"
     line = next(
         i for i, text in enumerate(path.read_text().splitlines(), 1) if "x.mean() > 0" in text
     )
-    assert main(["insert", str(path), "--json"]) == 2
+    assert main(["insert", str(path), "--json", "--fallback", "never"]) == 2
     capsys.readouterr()
-    assert main(["insert", str(path), "--json", "--fallback", "auto"]) == 0
+    assert main(["insert", str(path), "--json"]) == 0
     captured = capsys.readouterr()
     assert one_json_object(captured.out)["max_abs_diff_at_init"] == 0.0
     err = " ".join(captured.err.split())

@@ -146,5 +146,7 @@ def test_the_cli_says_which_method_in_one_line(model_path) -> None:
     assert [u["target"] for u in obj["unreached"]] == ["F.gelu"]
     (warned,) = [line for line in result.stderr.splitlines() if "cannot trace" in line]
     assert warned.startswith("warning:") and warned.endswith("(method: eager)")
-    never = CliRunner().invoke(app, ["insert", str(model_path)])  # never is the default
+    default = CliRunner().invoke(app, ["insert", str(model_path), "--json"])  # auto
+    assert default.exit_code == 0 and json.loads(default.stdout)["method"] == "eager"
+    never = CliRunner().invoke(app, ["insert", str(model_path), "--fallback", "never"])
     assert never.exit_code != 0

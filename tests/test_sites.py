@@ -211,7 +211,7 @@ def test_select_by_kind_on_a_model_with_gates(forms) -> None:
 def test_leaf_modules_hide_their_insides(models_dir) -> None:
     model = surgeon.build_model(str(models_dir / "untraceable.py"))
     with pytest.raises(SurgeonError, match="cannot trace"):
-        surgeon.find_sites(model)
+        surgeon.find_sites(model, fallback="never")
     by_name = surgeon.find_sites(model, leaf=["DataDependentGate"])
     by_class = surgeon.find_sites(model, leaf=[type(model.gate)])
     assert [s.name for s in by_name] == [s.name for s in by_class] == ["x", "act"]
@@ -297,7 +297,7 @@ def test_untraceable_error_names_the_users_file_and_line(models_dir) -> None:
     )
     model = surgeon.build_model(str(path))
     for call in (
-        lambda: surgeon.find_sites(model),
+        lambda: surgeon.find_sites(model, fallback="never"),
         lambda: surgeon.insert(model, fallback="never"),
     ):
         with pytest.raises(SurgeonError) as err:

@@ -14,12 +14,14 @@ parameter's shape matches its site's shape and channel dim.
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 import surgeon
+from surgeon.coverage import compare, count_activation_calls
 from surgeon.layers import MODES
 
 pytestmark = pytest.mark.usefixtures("seeded", "one_thread")
@@ -27,6 +29,11 @@ pytestmark = pytest.mark.usefixtures("seeded", "one_thread")
 SMALL_SWIN = {
     "img_size": 64, "window_size": 4, "embed_dim": 24, "depths": (1, 1, 1, 1),
     "num_heads": (1, 1, 1, 1),
+}  # fmt: skip
+
+SMALL_CLIP = {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 2}
+SMALL_GEMMA4 = {
+    "embed_dim": 64, "depth": 2, "num_heads": 2, "head_dim": 32, "intermediate_size": 128,
 }  # fmt: skip
 
 # spec, model args, input size (C, H, W), family
@@ -52,6 +59,11 @@ ZOO = [
     ("timm:test_byobnet", {}, (3, 32, 32), "ByobNet"),
     ("timm:mobilevit_xxs", {}, (3, 64, 64), "MobileViT (leaf blocks)"),
     ("timm:resnest14d", {}, (3, 32, 32), "ResNeSt (inner softmax)"),
+    ("timm:test_coatnet", {"img_size": 64}, (3, 64, 64), "CoAtNet"),
+    ("timm:vit_base_patch32_clip_quickgelu_224", SMALL_CLIP, (3, 32, 32), "CLIP ViT (QuickGELU)"),
+    ("timm:tiny_vit_5m_224", {}, (3, 64, 64), "TinyViT (leaf blocks)"),
+    ("timm:efficientvit_m0", {}, (3, 64, 64), "EfficientViT-M (softmax in a leaf)"),
+    ("timm:gemma4_vit_167m", SMALL_GEMMA4, (3, 96, 96), "Gemma4 ViT (untraceable: eager)"),
     ("torchvision:resnet18", {}, (3, 32, 32), "ResNet"),
     ("torchvision:mobilenet_v3_small", {}, (3, 32, 32), "MobileNetV3"),
     ("torchvision:regnet_y_400mf", {}, (3, 32, 32), "RegNet"),
@@ -85,7 +97,8 @@ def test_the_zoo_is_big_and_varied() -> None:
     assert len(timm_models) >= 20 and len(tv_models) >= 5
     families = " ".join(z[3] for z in ZOO)
     for family in ("ResNet", "ViT", "ConvNeXt", "EfficientNet", "MobileNetV3", "RegNet",
-                   "Swin", "NFNet", "DenseNet"):  # fmt: skip
+                   "Swin", "NFNet", "DenseNet", "MobileViT", "EfficientViT", "CoAtNet",
+                   "QuickGELU", "untraceable"):  # fmt: skip
         assert family in families
     combos = {c.values[3] for c in CASES}
     assert combos == set(itertools.product(MODES, MODES))
@@ -98,6 +111,7 @@ def _expected_shape(mode: str, site: dict) -> tuple[int, ...]:
     ]
 
 
+@pytest.mark.filterwarnings("ignore:cannot trace")  # the untraceable model's one line
 @pytest.mark.parametrize(("spec", "args", "size", "combo"), CASES)
 def test_identity_gradients_and_shapes(
     spec, args, size, combo, max_abs_diff, params_without_grad
@@ -105,7 +119,8 @@ def test_identity_gradients_and_shapes(
     shift, scale = combo
     model = zoo_model(spec, args)
     gm = surgeon.insert(model, shift, scale, input_size=list(size))
-    gm.graph.lint()
+    if isinstance(gm, fx.GraphModule):
+        gm.graph.lint()
     sites = gm.surgeon_record["sites"]
     mods = surgeon.inserted_modules(gm)
     if shift == scale == "none":
@@ -122,3 +137,39 @@ def test_identity_gradients_and_shapes(
     x = torch.randn(2, *size)
     assert max_abs_diff(model, gm, x) == 0.0
     assert params_without_grad(gm, x) == []
+
+
+# how each model is handled when it is not plain FX, and the activation calls that get no site
+METHOD = {
+    "timm:efficientvit_b0": "hybrid", "timm:mobilevit_xxs": "hybrid",
+    "timm:tiny_vit_5m_224": "hybrid", "timm:efficientvit_m0": "hybrid",
+    "timm:gemma4_vit_167m": "eager",
+}  # fmt: skip
+MISSED = {
+    "timm:efficientvit_m0": {
+        "Tensor.softmax inside leaf LocalWindowAttention is not an activation module": 24
+    },
+}
+
+
+@pytest.mark.parametrize(("spec", "args", "size"), [z[:3] for z in ZOO], ids=[z[0] for z in ZOO])
+def test_sites_match_the_activation_calls_the_model_makes(spec, args, size) -> None:
+    """Site recall, as benchmarks/zoo.py measures it on the whole zoo: every activation call
+    of an eager forward (module, function and method forms) is a site, or is listed with
+    its reason; the warning for the untraceable model is one line."""
+    model = zoo_model(spec, args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = surgeon.insert(model, "layer", "layer", input_size=list(size))
+    record = gm.surgeon_record
+    assert record["method"] == METHOD.get(spec, "fx")
+    cov = compare(record, count_activation_calls(model, torch.randn(2, *size)))
+    assert cov.unexplained == {}
+    assert dict(cov.reasons) == MISSED.get(spec, {})
+    assert cov.covered == cov.total - sum(MISSED.get(spec, {}).values()) > 0
+    fallback = [str(w.message) for w in caught if "cannot trace" in str(w.message)]
+    if record["method"] == "eager":
+        assert len(fallback) == 1 and "\n" not in fallback[0]
+        assert fallback[0].endswith("inserted at module level instead (method: eager)")
+    else:
+        assert fallback == []
