@@ -40,8 +40,40 @@ class _NodeError(Exception):
         self.node = node
 
 
+def _on_cpu_zeros(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """Run ``module`` on zero-filled CPU copies of its meta inputs and parameters and return
+    meta outputs: the same shapes, far faster for modules whose meta kernels are
+    decomposed step by step (an ``nn.LSTM`` over a long sequence: seconds on meta)."""
+    from torch.func import functional_call
+
+    def real(t):
+        if isinstance(t, torch.Tensor):
+            return torch.zeros(t.shape, dtype=t.dtype) if t.is_meta else t
+        return t
+
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    with torch.no_grad():
+        out = functional_call(
+            module,
+            {k: real(v) for k, v in tensors.items()},
+            map_aggregate(args, real),
+            map_aggregate(kwargs, real),
+        )
+    return map_aggregate(
+        out, lambda t: torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t
+    )
+
+
 class _ShapeRecorder(fx.Interpreter):
     """Run the graph and record the tensor metadata of every node's result."""
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        if isinstance(module, torch.nn.RNNBase) and any(
+            isinstance(a, torch.Tensor) and a.is_meta for a in args
+        ):
+            return _on_cpu_zeros(module, args, kwargs)
+        return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node):
         try:

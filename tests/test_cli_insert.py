@@ -195,9 +195,7 @@ def bad_input_cases(models_dir: Path, tmp_path: Path) -> dict[str, tuple[list[st
     )
     functional = models_dir / "untraceable_functional.py"
     fline = next(
-        i
-        for i, text in enumerate(functional.read_text().splitlines(), 1)
-        if "x.mean() > 0" in text
+        i for i, text in enumerate(functional.read_text().splitlines(), 1) if "x.mean() > 0" in text
     )
     return {
         "missing file": ([str(tmp_path / "nope.py")], ["model file not found", "nope.py"]),

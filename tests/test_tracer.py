@@ -56,3 +56,45 @@ def test_iterating_a_proxy_still_fails_clearly():
 
     with pytest.raises(fx.proxy.TraceError, match="iterated"):
         SurgeonTracer().trace(Loop())
+
+
+class Recurrent(nn.Module):
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 8)
+        self.rnn = rnn
+        self.head = nn.Linear(2 * 5, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(torch.relu(self.proj(x)))
+        return self.head(torch.relu(out[:, -1]))
+
+
+@pytest.mark.parametrize(
+    "rnn",
+    [
+        nn.LSTM(8, 5, batch_first=True, bidirectional=True),
+        nn.GRU(8, 5, num_layers=2, bidirectional=True, batch_first=True),
+    ],
+    ids=["lstm", "gru"],
+)
+def test_recurrent_layers_propagate_on_meta_with_real_shapes(rnn, monkeypatch):
+    """RNNs run on zero-filled CPU copies during meta shape propagation (their meta kernels
+    are decomposed step by step); the shapes must be those of a real forward."""
+    from surgeon import shapes, tracing
+
+    model = Recurrent(rnn).eval()
+    gm = tracing.trace(model)
+    calls = []
+    run = shapes._on_cpu_zeros
+    monkeypatch.setattr(shapes, "_on_cpu_zeros", lambda m, *a: calls.append(m) or run(m, *a))
+    shapes._on_meta(gm, (torch.randn(2, 7, 6),))
+    assert calls == [gm.rnn]
+    got = {n.name: shapes.node_shape(n) for n in gm.graph.nodes}
+    gm_real = tracing.trace(model)
+    shapes._on_real(gm_real, (torch.randn(2, 7, 6),))
+    want = {n.name: shapes.node_shape(n) for n in gm_real.graph.nodes}
+    assert got == want and got["rnn"] is None  # a tuple output has no single shape
+    getitem = next(n for n in gm.graph.nodes if n.op == "call_function" and n.args[0].name == "rnn")
+    assert getitem.meta["tensor_meta"].shape == (2, 7, 10)
+    assert all(p.device.type == "cpu" for p in model.parameters())  # nothing moved
