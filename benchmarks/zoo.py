@@ -52,7 +52,7 @@ COLUMNS = [
     "model", "params_m", "status", "handled", "method", "time_s", "sites", "sites_input",
     "sites_activation", "sites_gate", "sites_softmax", "sites_norm_act", "sites_in_leaves",
     "finals", "unreached", "runtime_calls", "recall", "recall_exact", "explained", "recall_on",
-    "max_abs_diff", "input_size", "reasons", "error",
+    "max_abs_diff", "input_size", "reasons", "channel_ok", "save_ok", "error",
 ]  # fmt: skip
 
 # always in --sample: QuickGELU written out (x * sigmoid(1.702 x)), a real-size NFNet
@@ -126,7 +126,41 @@ def _build(spec: str, meta: bool):
     return surgeon.build_model(spec)
 
 
-def run_one(spec: str, max_params: float) -> dict:
+def _check_channel_and_save(model, size, x, row: dict) -> None:
+    """``--checks``: insert channel x channel, give every site random values (so that a
+    wrong channel axis or a broken name shows), run it, save it, load it, compare."""
+    import tempfile
+
+    import torch
+
+    import surgeon
+
+    try:
+        gm = surgeon.insert(model, "channel", "channel", input_size=size, fallback="auto")
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for m in surgeon.inserted_modules(gm).values():
+                m.shift.copy_(torch.rand(m.shift.shape, generator=g) - 0.5)
+                m.scale.copy_(torch.rand(m.scale.shape, generator=g) + 0.5)
+            gm.eval()
+            y = gm(x)
+            ref = model(x)
+        ok = bool(torch.isfinite(y).all()) and y.shape == ref.shape
+        row["channel_ok"] = ok if ok else f"bad output {tuple(y.shape)}"
+    except Exception as exc:  # noqa: BLE001 - the reason is the result
+        row["channel_ok"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        return
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            surgeon.save(gm, Path(tmp) / "m")
+            loaded = surgeon.load(Path(tmp) / "m")
+            with torch.no_grad():
+                row["save_ok"] = bool(torch.equal(loaded.eval()(x), y))
+    except Exception as exc:  # noqa: BLE001
+        row["save_ok"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
+def run_one(spec: str, max_params: float, checks: bool = False) -> dict:
     import torch
 
     import surgeon
@@ -185,10 +219,12 @@ def run_one(spec: str, max_params: float) -> dict:
     if not big:
         row["max_abs_diff"] = max_abs_diff_at_init(model, gm, (x,))
         row["handled"] = row["max_abs_diff"] == 0.0
+        if checks:
+            _check_channel_and_save(model, size, x, row)
     return row
 
 
-def worker(max_params: float, mem_gb: float) -> None:
+def worker(max_params: float, mem_gb: float, checks: bool) -> None:
     """Read model specs on stdin, answer one result line each on stdout."""
     import resource
     import warnings
@@ -205,7 +241,7 @@ def worker(max_params: float, mem_gb: float) -> None:
         if not spec:
             continue
         try:
-            row = run_one(spec, max_params)
+            row = run_one(spec, max_params, checks)
         except BaseException as exc:  # noqa: BLE001 - every failure is a result
             text = " ".join(str(exc).split())[:300]
             row = {"model": spec, "status": "error", "handled": False,
@@ -219,7 +255,7 @@ def worker(max_params: float, mem_gb: float) -> None:
 class Worker:
     def __init__(self, args: argparse.Namespace, log) -> None:
         cmd = [sys.executable, __file__, "--worker", "--max-params", str(args.max_params),
-               "--mem-gb", str(args.mem_gb)]  # fmt: skip
+               "--mem-gb", str(args.mem_gb)] + (["--checks"] if args.checks else [])  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=log, text=True, bufsize=1)  # fmt: skip
         self.done = 0
@@ -293,6 +329,7 @@ def sweep(specs: list[str], args: argparse.Namespace) -> None:
             print(f"[{i}/{len(todo)}] {spec}: {row['status']} {get('method')} "
                   f"sites={get('sites')} recall={get('recall')} exact={get('recall_exact')} "
                   f"diff={get('max_abs_diff')} insert={get('time_s')}s "
+                  f"{'channel=' + str(get('channel_ok')) + ' save=' + str(get('save_ok')) + ' ' if args.checks else ''}"
                   f"({time.monotonic() - t:.1f}s)", flush=True)  # fmt: skip
     if w is not None:
         w.close()
@@ -344,6 +381,27 @@ def summary(rows: list[dict]) -> str:
             f"{_pct(len(expl), len(rec))} | {mean_recall:.4f} | {med} | {p95} | {mx} |"
         )
     lines.append("")
+    times = sorted(
+        ((float(r["time_s"]), r["model"]) for r in rows if r.get("time_s")), reverse=True
+    )
+    if times:
+        slow = [f"`{m.split(':', 1)[1]}` {t:.1f} s" for t, m in times if t > 5]
+        lines.append(f"Inserts over 1 s: {sum(t > 1 for t, _ in times)} of {len(times)}; "
+                     f"over 5 s: {', '.join(slow) if slow else 'none'}.")  # fmt: skip
+        lines.append("")
+    ch = [r for r in rows if r.get("channel_ok") not in ("", None)]
+    if ch:
+        sv = [r for r in rows if r.get("save_ok") not in ("", None)]
+        lines.append(
+            f"`--checks` (channel x channel with random values, then save and load): runs "
+            f"{_pct(sum(true(r['channel_ok']) for r in ch), len(ch))}, save/load bit-exact "
+            f"{_pct(sum(true(r['save_ok']) for r in sv), len(sv))}."
+        )
+        for r in rows:
+            for k in ("channel_ok", "save_ok"):
+                if r.get(k) not in ("", None, "True"):
+                    lines.append(f"- `{r['model']}` {k}: {r[k]}")
+        lines.append("")
     bad = [r for r in rows if r["status"] != "ok" or not true(r["handled"])]
     if bad:
         lines.append("Not handled:")
@@ -408,10 +466,12 @@ def main() -> None:
     p.add_argument("--doc", default=str(DOC_PATH))
     p.add_argument("--summary", action="store_true", help="only rewrite the summary table")
     p.add_argument("--list", action="store_true", help="print the models that would run")
+    p.add_argument("--checks", action="store_true",
+                   help="also insert channel x channel with random values, run, save, load")  # fmt: skip
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args.max_params, args.mem_gb)
+        worker(args.max_params, args.mem_gb, args.checks)
         return
     if not args.summary:
         if args.models:
