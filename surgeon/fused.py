@@ -282,10 +282,18 @@ def _relu_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     return src
 
 
-def _finish(gm: fx.GraphModule, model: fx.GraphModule) -> fx.GraphModule:
+def _finish(gm: fx.GraphModule, model: fx.GraphModule, name: str) -> fx.GraphModule:
+    """Recompile; record the pass (``surgeon.load`` replays it) when the model has a record."""
+    from .tracing import set_preserved
+
     gm.graph.lint()
     gm.recompile()
     gm.train(model.training)
+    rec = getattr(model, "surgeon_record", None)
+    if rec is not None:
+        rec = copy.deepcopy(rec)
+        rec.setdefault("passes", []).append({"name": name})
+        set_preserved(gm, "surgeon_record", rec)
     return gm
 
 
@@ -293,9 +301,8 @@ def fuse_relu(model: fx.GraphModule) -> fx.GraphModule:
     """Merge each ReLU whose only user is a :class:`ShiftScale` into one
     :class:`ReLUShiftScale` (same module name and parameters), on a copy.
 
-    The state dict is unchanged, so :func:`surgeon.save` / :func:`surgeon.load` round-trip
-    (``load`` rebuilds the unmerged graph, which computes the same). Call :func:`unfuse_relu`
-    before :func:`surgeon.strip`: stripping a merged module would drop its ReLU.
+    The state dict is unchanged; the pass is recorded, so :func:`surgeon.load` replays it.
+    :func:`surgeon.strip` keeps the ReLU of a merged module.
     """
     if not isinstance(model, fx.GraphModule):
         raise TypeError("fuse_relu needs a surgered GraphModule (the model insert() returned)")
@@ -317,7 +324,7 @@ def fuse_relu(model: fx.GraphModule) -> fx.GraphModule:
             n.op == "call_module" and n.target == relu.target for n in gm.graph.nodes
         ):
             gm.delete_submodule(relu.target)
-    return _finish(gm, model)
+    return _finish(gm, model, "fuse_relu")
 
 
 def unfuse_relu(model: fx.GraphModule) -> fx.GraphModule:
@@ -334,7 +341,7 @@ def unfuse_relu(model: fx.GraphModule) -> fx.GraphModule:
         with gm.graph.inserting_before(node):
             relu = gm.graph.call_function(torch.relu, (node.args[0],))
         node.replace_input_with(node.args[0], relu)
-    return _finish(gm, model)
+    return _finish(gm, model, "unfuse_relu")
 
 
 def _rebuild(cls: type, m: ShiftScale, fused: bool) -> ShiftScale:

@@ -199,6 +199,10 @@ def rebuild(rec: dict[str, Any]) -> nn.Module:
             from .replace_norm import replace_norm
 
             model = replace_norm(model, **opts, from_stats=False)
+        elif p["name"] in ("fuse_relu", "unfuse_relu"):
+            from . import fused
+
+            model = getattr(fused, p["name"])(model)
         elif p["name"] == "fold":  # the fold's structure depends on the graph alone
             from .fold import fold
 

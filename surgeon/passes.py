@@ -427,6 +427,8 @@ def strip(model: fx.GraphModule) -> fx.GraphModule:
         return gm
     # only the modules the shift/scale pass inserted: a ShiftScale that replaced a BatchNorm
     # (replace_norm) or absorbed one is part of the model's function and stays
+    from .fused import ReLUShiftScale
+
     inserted = {s["module"] for s in _record(gm).get("sites", []) if s.get("module")}
     for node in list(gm.graph.nodes):
         if (
@@ -434,10 +436,15 @@ def strip(model: fx.GraphModule) -> fx.GraphModule:
             and node.target in inserted
             and isinstance(gm.get_submodule(node.target), ShiftScale)
         ):
-            node.replace_all_uses_with(node.args[0])
+            keep = node.args[0]
+            if isinstance(gm.get_submodule(node.target), ReLUShiftScale):  # fuse_relu's merge
+                with gm.graph.inserting_before(node):
+                    keep = gm.graph.call_function(torch.relu, (node.args[0],))
+            node.replace_all_uses_with(keep)
             gm.graph.erase_node(node)
             gm.delete_submodule(node.target)
     record = _record(gm)
-    record["passes"] = [p for p in record["passes"] if p["name"] != "shift_scale"]
+    dropped = ("shift_scale", "fuse_relu", "unfuse_relu")
+    record["passes"] = [p for p in record["passes"] if p["name"] not in dropped]
     record["sites"] = []
     return _finish(gm, record, model.training)

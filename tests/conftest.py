@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,16 @@ import torch
 from torch import nn
 
 MODELS_DIR = Path(__file__).parent / "models"
+
+try:  # property tests draw the same examples on every run (no flaky CI); explore with
+    # HYPOTHESIS_PROFILE=explore
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, print_blob=True)
+    settings.register_profile("explore", max_examples=500)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    pass
 
 
 @pytest.fixture(scope="session")
