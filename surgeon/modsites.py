@@ -511,6 +511,8 @@ def propagate_with_leaves(
         if not any(True for _ in mod.children()) and is_torch_block(mod):
             continue  # Conv2d, Linear, ...: nothing inside
         everything = activation_modules(mod, path, enter_all=True)
+        if not everything and isinstance(mod, shapes.shape_preserving_types()):
+            continue  # a norm layer without an activation (BatchNormAct2d(apply_act=False))
         is_user = isinstance(mod, user)
         reachable = {}
         if not is_user and not is_torch_block(mod):

@@ -64,15 +64,61 @@ def _on_cpu_zeros(module: torch.nn.Module, args: tuple, kwargs: dict):
     )
 
 
+def _shape_preserving() -> tuple[type, ...]:
+    """Norm layers whose output has their input's shape and dtype: on meta their result is
+    ``empty(input.shape)`` (their meta kernels cost milliseconds per call in Python: a second
+    for a model with hundreds of ``BatchNormAct2d``)."""
+    types: list[type] = [
+        torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm,
+    ]  # fmt: skip
+    try:
+        from timm.layers import norm_act
+    except ImportError:
+        return tuple(types)
+    for name in dir(norm_act):
+        obj = getattr(norm_act, name)
+        if (
+            isinstance(obj, type)
+            and issubclass(obj, torch.nn.Module)
+            and obj.__module__ == norm_act.__name__
+            and "Norm" in name
+        ):
+            types.append(obj)
+    return tuple(types)
+
+
+_SHAPE_PRESERVING: tuple[type, ...] | None = None
+
+
+def shape_preserving_types() -> tuple[type, ...]:
+    """The norm layers whose meta result is ``empty(input.shape)``; they call no activation
+    function (only activation modules, which are found by class)."""
+    global _SHAPE_PRESERVING
+    if _SHAPE_PRESERVING is None:
+        _SHAPE_PRESERVING = _shape_preserving()
+    return _SHAPE_PRESERVING
+
+
 class _ShapeRecorder(fx.Interpreter):
     """Run the graph and record the tensor metadata of every node's result."""
 
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
-        if isinstance(module, torch.nn.RNNBase) and any(
-            isinstance(a, torch.Tensor) and a.is_meta for a in args
-        ):
+        meta = [a for a in args if isinstance(a, torch.Tensor) and a.is_meta]
+        if meta and isinstance(module, torch.nn.RNNBase):
             return _on_cpu_zeros(module, args, kwargs)
+        if (
+            meta
+            and len(args) == 1
+            and not kwargs
+            and type(module).forward is not torch.nn.Module.forward
+            and isinstance(module, shape_preserving_types())
+            and not module._forward_hooks
+            and not module._forward_pre_hooks
+        ):
+            # contiguous: only shapes and dtypes are used, and a later .view() works on it
+            # wherever it works on the real output
+            return torch.empty(args[0].shape, dtype=args[0].dtype, device="meta")
         return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node):

@@ -98,3 +98,63 @@ def test_recurrent_layers_propagate_on_meta_with_real_shapes(rnn, monkeypatch):
     getitem = next(n for n in gm.graph.nodes if n.op == "call_function" and n.args[0].name == "rnn")
     assert getitem.meta["tensor_meta"].shape == (2, 7, 10)
     assert all(p.device.type == "cpu" for p in model.parameters())  # nothing moved
+
+
+class Norms(nn.Module):
+    def __init__(self) -> None:
+        from timm.layers import BatchNormAct2d
+
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.bn_act = BatchNormAct2d(8, act_layer=nn.ReLU)
+        self.bn_only = BatchNormAct2d(8, apply_act=False)
+        self.ln = nn.LayerNorm(8)
+        self.gn = nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.bn_only(self.bn_act(self.bn(self.conv(x))))
+        x = self.gn(self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        return self.fc(torch.relu(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_norm_layers_skip_their_meta_kernels_with_the_same_metadata(channels_last, monkeypatch):
+    """On meta, norm layers give ``empty(input.shape)`` without running (their meta kernels
+    are slow): the shapes and dtypes of running them, on meta or for real."""
+    import torch.nn.functional as F
+
+    from surgeon import shapes, tracing
+    from surgeon.passes import find_sites
+
+    model = Norms().eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 5, 5)
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+
+    def metas(gm):
+        return {
+            n.name: (tuple(m.shape), m.dtype)
+            for n in gm.graph.nodes
+            if (m := n.meta.get("tensor_meta")) is not None and hasattr(m, "stride")
+        }
+
+    real = tracing.trace(model)
+    shapes._on_real(real, (x,))
+    slow = tracing.trace(model)
+    with monkeypatch.context() as m:
+        m.setattr(shapes, "_SHAPE_PRESERVING", ())  # every norm layer runs its meta kernel
+        shapes._on_meta(slow, (x,))
+    calls = []
+    for name in ("batch_norm", "layer_norm", "group_norm"):
+        fn = getattr(F, name)
+        monkeypatch.setattr(F, name, lambda *a, fn=fn, **k: calls.append(fn) or fn(*a, **k))
+    meta = tracing.trace(model)
+    shapes._on_meta(meta, (x,))
+    assert calls == []
+    assert metas(meta) == metas(slow) == metas(real)
+    assert len(metas(meta)) == len(meta.graph.nodes)  # every node has its metadata
+    names = [s.name for s in find_sites(model, input_size=(3, 5, 5))]
+    assert names == ["x", "bn_act", "relu"]  # bn_only applies no activation: not a site
