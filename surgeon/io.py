@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
 from .errors import SurgeonError
@@ -66,6 +67,62 @@ def record_of(model: nn.Module) -> dict[str, Any]:
     return rec
 
 
+def _alias_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Names of the state dict that are the same tensor (tied weights), in order."""
+    groups: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        key = (
+            t.device, t.untyped_storage().data_ptr(), t.storage_offset(),
+            tuple(t.shape), tuple(t.stride()), t.dtype,
+        )  # fmt: skip
+        groups.setdefault(key, []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def write_weights(model: nn.Module, path: str | Path) -> None:
+    """``model.state_dict()`` as safetensors: a tied tensor once (its other names go in the
+    metadata), views and non-contiguous buffers as contiguous copies (safetensors' own
+    ``save_model`` fails on those: eva02's rotary buffers)."""
+    state = model.state_dict()
+    aliases = {dup: names[0] for names in _alias_groups(state) for dup in names[1:]}
+    kept = {k: v.detach() for k, v in state.items() if k not in aliases}
+    ptrs: dict[int, int] = {}
+    for t in kept.values():
+        ptr = t.untyped_storage().data_ptr()
+        ptrs[ptr] = ptrs.get(ptr, 0) + 1
+    tensors = {
+        k: t.cpu() if t.is_contiguous() and ptrs[t.untyped_storage().data_ptr()] == 1
+        else t.contiguous().clone().cpu()
+        for k, t in kept.items()
+    }  # fmt: skip
+    save_file(tensors, str(path), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+
+
+def read_weights(model: nn.Module, path: str | Path) -> None:
+    """Load what :func:`write_weights` wrote into ``model``, strictly (every key of the
+    model's state dict, nothing else)."""
+    with safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases") or "{}")
+    state = load_file(str(path))
+    own = model.state_dict()
+    for names in _alias_groups(own):  # files without alias metadata (older saves)
+        present = [n for n in names if n in state]
+        for n in names:
+            if n not in state and present:
+                aliases.setdefault(n, present[0])
+    for dup, kept in aliases.items():
+        if kept in state:
+            state.setdefault(dup, state[kept])
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{len(missing)} missing keys ({', '.join(missing[:3])}), "
+            f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})"
+        )
+    model.load_state_dict(state, strict=True)
+
+
 def write_model_files(
     model: nn.Module, folder: str | Path, extra: dict[str, Any] | None = None
 ) -> None:
@@ -83,7 +140,7 @@ def write_model_files(
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_model(model, tmp, metadata={"format": "pt"})
+        write_weights(model, tmp)
         os.replace(tmp, folder / WEIGHTS_FILE)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -112,7 +169,7 @@ def save(model: nn.Module, folder: str | Path) -> Path:
         }
         meta["training"] = model.training
         write_json_atomic(tmp / RECORD_FILE, meta)
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_weights(model, tmp / WEIGHTS_FILE)
         if isinstance(model, fx.GraphModule):
             (tmp / CODE_FILE).write_text(model.code)
         _move_into_place(tmp, folder)
@@ -223,7 +280,7 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
         raise SurgeonError(f"{folder} has no {WEIGHTS_FILE}", hint="re-save the model")
     model = rebuild(rec)
     try:
-        load_model(model, str(weights), strict=True, device=str(device))
+        read_weights(model, weights)
     except (RuntimeError, OSError, ValueError) as exc:  # safetensors' key/shape/format errors
         text = str(exc).strip()
         reason = " ".join(text.split())[:300] if text else type(exc).__name__

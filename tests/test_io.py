@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 import surgeon
 from surgeon import ShiftScale, SurgeonError
@@ -163,7 +164,7 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(sio, "save_model", broken)
+    monkeypatch.setattr(sio, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         surgeon.save(gm, tmp_path / "new")
     with pytest.raises(OSError, match="disk full"):
@@ -216,3 +217,47 @@ def test_saved_folder_is_self_describing(tmp_path) -> None:
     folder = surgeon.save(gm, tmp_path / "a" / "b")  # parents are created
     assert isinstance(folder, Path) and folder == tmp_path / "a" / "b"
     assert sio.read_record(folder)["sites"][0]["module"] == "ss_x"
+
+
+class _TiedAndViews(nn.Module):
+    """Tied weights, and buffers that are views of one tensor (one non-contiguous), like
+    the rotary tables of timm's EVA-02 that safetensors' ``save_model`` cannot write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        table = torch.arange(32.0).reshape(4, 8)
+        self.register_buffer("sin", table[:, :4])  # a view, not contiguous
+        self.register_buffer("cos", table[:, 4:])
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) * self.sin.sum() + self.cos.mean()
+
+
+def test_tied_weights_and_non_contiguous_buffers_round_trip(tmp_path) -> None:
+    from surgeon.io import read_weights, write_weights
+
+    torch.manual_seed(0)
+    src = _TiedAndViews()
+    write_weights(src, tmp_path / "w.safetensors")
+    dst = _TiedAndViews()
+    with torch.no_grad():
+        for p in dst.parameters():
+            p.zero_()
+        dst.sin.zero_()
+    read_weights(dst, tmp_path / "w.safetensors")
+    assert dst.b.weight is dst.a.weight  # still tied
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        assert "b.weight" not in set(f.keys())  # the tied tensor is written once
+
+
+def test_eva02_saves_and_loads(tmp_path) -> None:
+    model = surgeon.build_model("timm:eva02_tiny_patch14_224", {"img_size": 28, "depth": 1})
+    gm = surgeon.insert(model.eval(), "channel", "channel", input_size="3,28,28")
+    surgeon.save(gm, tmp_path / "m")
+    x = torch.randn(1, 3, 28, 28)
+    assert torch.equal(surgeon.load(tmp_path / "m").eval()(x), gm.eval()(x))
