@@ -235,8 +235,8 @@ def time_one(spec: str) -> dict:
 
     try:
         model = _build(spec, meta=True)
-    except Exception:  # a builder that reads tensor values (torchvision's RegNet)
-        model = _build(spec, meta=False)
+    except Exception:  # a builder that reads tensor values (torchvision's RegNet): then meta
+        model = _build(spec, meta=False).to("meta")
     model.eval()
     size = tuple(default_input_size(model))
     t = time.perf_counter()
