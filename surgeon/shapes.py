@@ -99,26 +99,111 @@ def shape_preserving_types() -> tuple[type, ...]:
     return _SHAPE_PRESERVING
 
 
+def _elementwise_modules() -> frozenset[type]:
+    """Module classes (exact types) whose output has their input's shape and dtype."""
+    nn = torch.nn
+    types = {
+        nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+        nn.Hardsigmoid, nn.Mish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Softplus,
+        nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    }  # fmt: skip
+    try:
+        from timm.layers import activations
+    except ImportError:
+        return frozenset(types)
+    for obj in vars(activations).values():
+        if (
+            isinstance(obj, type)
+            and issubclass(obj, nn.Module)
+            and obj.__module__ == activations.__name__
+            and "GLU" not in obj.__name__  # gated linear units halve a dim
+        ):
+            types.add(obj)
+    return frozenset(types)
+
+
+_ELEMENTWISE: frozenset[type] | None = None
+
+
+def _norm_functions() -> dict:
+    """Normalisation functions -> a check that the real call would not fail; on meta they
+    return ``empty(input.shape)`` (timm's LayerNorm subclasses call ``F.layer_norm``, 2-3 ms
+    a call on meta)."""
+    F = torch.nn.functional
+    checks = {
+        F.layer_norm: lambda x, shape, *a, **k: (
+            tuple(x.shape[x.dim() - len(shape) :]) == tuple(shape)
+        ),
+        F.group_norm: lambda x, groups, *a, **k: x.dim() >= 2 and x.shape[1] % groups == 0,
+    }
+    if hasattr(F, "rms_norm"):
+        checks[F.rms_norm] = checks[F.layer_norm]
+    return checks
+
+
+_NORM_FUNCTIONS = _norm_functions()
+
+
+def _empty(x: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
+    # contiguous: only shapes and dtypes are used, and a later .view() works on it wherever
+    # it works on the real output
+    return torch.empty(
+        tuple(x.shape) if shape is None else tuple(shape), dtype=x.dtype, device="meta"
+    )
+
+
 class _ShapeRecorder(fx.Interpreter):
-    """Run the graph and record the tensor metadata of every node's result."""
+    """Run the graph and record the tensor metadata of every node's result.
+
+    On meta tensors, modules and functions whose output shape is plain (norms, elementwise
+    activations, ``nn.Linear``) are not run: their meta kernels are Python and cost far
+    more than the arithmetic of their shape.
+    """
+
+    def call_function(self, target, args, kwargs):
+        check = _NORM_FUNCTIONS.get(target) if callable(target) else None
+        if check is not None and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            try:
+                ok = check(*args, **kwargs)
+            except Exception:  # odd arguments: let the real call decide
+                ok = False
+            if ok:
+                return _empty(args[0])
+        return super().call_function(target, args, kwargs)
 
     def call_module(self, target, args, kwargs):
+        global _ELEMENTWISE
         module = self.fetch_attr(target)
         meta = [a for a in args if isinstance(a, torch.Tensor) and a.is_meta]
-        if meta and isinstance(module, torch.nn.RNNBase):
+        if not meta:
+            return super().call_module(target, args, kwargs)
+        if isinstance(module, torch.nn.RNNBase):
             return _on_cpu_zeros(module, args, kwargs)
-        if (
-            meta
-            and len(args) == 1
+        plain = (
+            len(args) == 1
             and not kwargs
-            and type(module).forward is not torch.nn.Module.forward
-            and isinstance(module, shape_preserving_types())
+            and isinstance(args[0], torch.Tensor)
             and not module._forward_hooks
             and not module._forward_pre_hooks
+        )
+        if not plain:
+            return super().call_module(target, args, kwargs)
+        x = args[0]
+        if _ELEMENTWISE is None:
+            _ELEMENTWISE = _elementwise_modules()
+        if type(module) in _ELEMENTWISE:
+            return _empty(x)
+        if type(module).forward is not torch.nn.Module.forward and isinstance(
+            module, shape_preserving_types()
         ):
-            # contiguous: only shapes and dtypes are used, and a later .view() works on it
-            # wherever it works on the real output
-            return torch.empty(args[0].shape, dtype=args[0].dtype, device="meta")
+            return _empty(x)
+        if (
+            type(module) is torch.nn.Linear
+            and x.dim() >= 1
+            and x.shape[-1] == module.in_features
+            and x.dtype == module.weight.dtype
+        ):
+            return _empty(x, (*x.shape[:-1], module.out_features))
         return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node):

@@ -102,9 +102,10 @@ def test_recurrent_layers_propagate_on_meta_with_real_shapes(rnn, monkeypatch):
 
 class Norms(nn.Module):
     def __init__(self) -> None:
-        from timm.layers import BatchNormAct2d
+        from timm.layers import BatchNormAct2d, LayerNorm
 
         super().__init__()
+        self.tln = LayerNorm(8)  # traced through: an F.layer_norm node
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
         self.bn_act = BatchNormAct2d(8, act_layer=nn.ReLU)
@@ -115,14 +116,15 @@ class Norms(nn.Module):
 
     def forward(self, x):
         x = self.bn_only(self.bn_act(self.bn(self.conv(x))))
-        x = self.gn(self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        x = self.gn(self.tln(self.ln(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2))
         return self.fc(torch.relu(x).mean((2, 3)))
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_norm_layers_skip_their_meta_kernels_with_the_same_metadata(channels_last, monkeypatch):
-    """On meta, norm layers give ``empty(input.shape)`` without running (their meta kernels
-    are slow): the shapes and dtypes of running them, on meta or for real."""
+    """On meta, norm layers and functions, activations and Linear give ``empty`` of their
+    output shape without running (their meta kernels are slow): the shapes and dtypes of
+    running them, on meta or for real."""
     import torch.nn.functional as F
 
     from surgeon import shapes, tracing
@@ -145,15 +147,23 @@ def test_norm_layers_skip_their_meta_kernels_with_the_same_metadata(channels_las
     shapes._on_real(real, (x,))
     slow = tracing.trace(model)
     with monkeypatch.context() as m:
-        m.setattr(shapes, "_SHAPE_PRESERVING", ())  # every norm layer runs its meta kernel
+        m.setattr(shapes, "_SHAPE_PRESERVING", ())  # every layer runs its meta kernel
+        m.setattr(shapes, "_ELEMENTWISE", frozenset())
+        m.setattr(shapes, "_NORM_FUNCTIONS", {})
         shapes._on_meta(slow, (x,))
+    meta = tracing.trace(model)  # before the patches: graph nodes keep the real functions
+    layer_norm, hits = F.layer_norm, []
+    checks = {
+        f: (lambda *a, f=f, c=c, **k: hits.append(f) or c(*a, **k))
+        for f, c in shapes._NORM_FUNCTIONS.items()
+    }
+    monkeypatch.setattr(shapes, "_NORM_FUNCTIONS", checks)
     calls = []
-    for name in ("batch_norm", "layer_norm", "group_norm"):
+    for name in ("batch_norm", "layer_norm", "group_norm", "linear", "relu"):
         fn = getattr(F, name)
         monkeypatch.setattr(F, name, lambda *a, fn=fn, **k: calls.append(fn) or fn(*a, **k))
-    meta = tracing.trace(model)
     shapes._on_meta(meta, (x,))
-    assert calls == []
+    assert calls == [] and hits == [layer_norm]  # timm's LayerNorm: an F.layer_norm node
     assert metas(meta) == metas(slow) == metas(real)
     assert len(metas(meta)) == len(meta.graph.nodes)  # every node has its metadata
     names = [s.name for s in find_sites(model, input_size=(3, 5, 5))]
