@@ -161,7 +161,10 @@ class _ShapeRecorder(fx.Interpreter):
     """
 
     def call_function(self, target, args, kwargs):
-        check = _NORM_FUNCTIONS.get(target) if callable(target) else None
+        try:
+            check = _NORM_FUNCTIONS.get(target)
+        except TypeError:  # an unhashable callable
+            check = None
         if check is not None and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
             try:
                 ok = check(*args, **kwargs)
