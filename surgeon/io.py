@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
@@ -80,9 +79,10 @@ def _alias_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
 
 
 def write_weights(model: nn.Module, path: str | Path) -> None:
-    """``model.state_dict()`` as safetensors: a tied tensor once (its other names go in the
-    metadata), views and non-contiguous buffers as contiguous copies (safetensors' own
-    ``save_model`` fails on those: eva02's rotary buffers)."""
+    """``model.state_dict()`` as safetensors: a tied tensor once (under its first name; the
+    model rebuilt on load ties the others), views and non-contiguous buffers as contiguous
+    copies (safetensors' own ``save_model`` fails on those: eva02's rotary buffers). The
+    metadata is one fixed entry, so the same weights give the same bytes."""
     state = model.state_dict()
     aliases = {dup: names[0] for names in _alias_groups(state) for dup in names[1:]}
     kept = {k: v.detach() for k, v in state.items() if k not in aliases}
@@ -95,24 +95,19 @@ def write_weights(model: nn.Module, path: str | Path) -> None:
         else t.contiguous().clone().cpu()
         for k, t in kept.items()
     }  # fmt: skip
-    save_file(tensors, str(path), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def read_weights(model: nn.Module, path: str | Path) -> None:
-    """Load what :func:`write_weights` wrote into ``model``, strictly (every key of the
-    model's state dict, nothing else)."""
-    with safe_open(str(path), framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases") or "{}")
+    """Load what :func:`write_weights` (or safetensors' ``save_model``) wrote into
+    ``model``, strictly: every key of the model's state dict, nothing else."""
     state = load_file(str(path))
     own = model.state_dict()
-    for names in _alias_groups(own):  # files without alias metadata (older saves)
+    for names in _alias_groups(own):  # tied tensors are in the file under one of their names
         present = [n for n in names if n in state]
         for n in names:
             if n not in state and present:
-                aliases.setdefault(n, present[0])
-    for dup, kept in aliases.items():
-        if kept in state:
-            state.setdefault(dup, state[kept])
+                state[n] = state[present[0]]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:

@@ -253,6 +253,10 @@ def test_tied_weights_and_non_contiguous_buffers_round_trip(tmp_path) -> None:
         assert torch.equal(dst.state_dict()[k], v), k
     with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
         assert "b.weight" not in set(f.keys())  # the tied tensor is written once
+    write_weights(src, tmp_path / "again.safetensors")  # the same weights, the same bytes
+    assert (tmp_path / "again.safetensors").read_bytes() == (
+        tmp_path / "w.safetensors"
+    ).read_bytes()
 
 
 def test_eva02_saves_and_loads(tmp_path) -> None:
