@@ -129,6 +129,15 @@ def _build(spec: str, meta: bool):
     return surgeon.build_model(spec)
 
 
+def _build_meta_first(spec: str):
+    """The model on meta, or for real when its builder reads tensor values (torchvision's
+    RegNet)."""
+    try:
+        return _build(spec, meta=True)
+    except Exception:
+        return _build(spec, meta=False)
+
+
 def _check_channel_and_save(model, size, x, row: dict) -> None:
     """``--checks``: insert channel x channel, give every site random values (so that a
     wrong channel axis or a broken name shows), run it, save it, load it, compare."""
@@ -172,10 +181,7 @@ def run_one(spec: str, max_params: float, checks: bool = False) -> dict:
     from surgeon.report_insert import max_abs_diff_at_init
 
     row: dict = {"model": spec, "status": "error", "handled": False}
-    try:
-        model = _build(spec, meta=True)
-    except Exception:  # a builder that reads tensor values (torchvision's RegNet): for real
-        model = _build(spec, meta=False)
+    model = _build_meta_first(spec)
     params = sum(p.numel() for p in model.parameters())
     row["params_m"] = round(params / 1e6, 2)
     big = params > max_params
@@ -233,10 +239,7 @@ def time_one(spec: str) -> dict:
     import surgeon
     from surgeon.models.sources import default_input_size
 
-    try:
-        model = _build(spec, meta=True)
-    except Exception:  # a builder that reads tensor values (torchvision's RegNet): then meta
-        model = _build(spec, meta=False).to("meta")
+    model = _build_meta_first(spec).to("meta")
     model.eval()
     size = tuple(default_input_size(model))
     t = time.perf_counter()

@@ -23,6 +23,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import registry
+from .modsites import activation_target
 from .sites import _describe
 
 FINAL_REASON = "final (reaches the output without a parametrised layer)"
@@ -44,15 +45,9 @@ class _Mode(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         c = self.counter
         if not c.depth:
-            try:
-                hit = func in registry.ACT_FUNCTIONS
-            except TypeError:  # unhashable callables
-                hit = False
-            name = getattr(func, "__name__", None)
-            if hit:
-                c.events[_describe(func)] += 1
-            elif name in registry.ACT_METHODS and getattr(torch.Tensor, name, None) is func:
-                c.events[_describe(name)] += 1
+            target = activation_target(func)
+            if target is not None:
+                c.events[target] += 1
         return out
 
 

@@ -180,7 +180,7 @@ def _tag(obj) -> str | None:
     return "meta" if obj.is_meta else "real"
 
 
-def _function_target(func) -> str | None:
+def activation_target(func) -> str | None:
     """The descriptor of a registered activation function or Tensor method, else None."""
     try:
         entry = registry.ACT_FUNCTIONS.get(func)
@@ -204,7 +204,7 @@ class _Functions(TorchFunctionMode):
         out = func(*args, **kwargs)
         obs = self.obs
         if obs.scopes and not obs.act_depth:
-            target = _function_target(func)
+            target = activation_target(func)
             if target is not None:
                 obs.record(obs.stack[-1] if obs.stack else obs.scopes[-1][0], target, False, out)
         return out

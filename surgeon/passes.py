@@ -113,21 +113,35 @@ def find_sites(
     ``fallback`` as in :func:`insert`: with ``auto`` (the default), the sites of the eager
     fallback when torch.fx cannot trace the model.
     """
+    a, _ = _analyse_with_fallback(model, fallback, input_size, example_inputs, leaf)
+    return sites_mod.select(a.sites, include, exclude)
+
+
+def _analyse_with_fallback(
+    model: nn.Module,
+    fallback: str,
+    input_size: Sequence[int] | str | None,
+    example_inputs: Sequence[torch.Tensor] | None,
+    leaf: Iterable[str | type],
+) -> tuple[Analysis | eager.EagerAnalysis, TraceError | None]:
+    """:func:`analyse`, or the eager fallback's analysis as ``fallback`` says. The second
+    item is the tracer's error when ``auto`` fell back (None otherwise); an automatic
+    fallback that reaches no activation call raises that error instead."""
     _check_fallback(fallback)
     try:
         if fallback == "eager":
             raise TraceError("eager insertion was asked for")
-        a = analyse(model, input_size=input_size, example_inputs=example_inputs, leaf=leaf)
+        return analyse(model, input_size=input_size, example_inputs=example_inputs, leaf=leaf), None
     except TraceError as exc:
         if fallback == "never":
             raise
-        size = _parse_input_size(input_size, model)
-        inputs = example_inputs or shapes.example_inputs_for(size)
-        ea = eager.analyse_eager(model, inputs, _user_leaf_types(model, leaf))
-        if fallback == "auto":
-            _check_reaches(ea, exc)
-        return sites_mod.select(ea.sites, include, exclude)
-    return sites_mod.select(a.sites, include, exclude)
+        why = None if fallback == "eager" else exc
+    size = _parse_input_size(input_size, model)
+    inputs = example_inputs or shapes.example_inputs_for(size)
+    a = eager.analyse_eager(model, inputs, _user_leaf_types(model, leaf))
+    if why is not None:
+        _check_reaches(a, why)
+    return a, why
 
 
 def _unique_name(gm: fx.GraphModule, base: str) -> str:
@@ -212,19 +226,14 @@ def insert(
     """
     check_mode(shift, "shift mode")
     check_mode(scale, "scale mode")
-    _check_fallback(fallback)
-    include, exclude = list(include), list(exclude)
+    include, exclude, leaf = list(include), list(exclude), list(leaf)
     record = _record(model)
-    try:
-        if fallback == "eager":
-            raise TraceError("eager insertion was asked for")
-        a = analyse(model, input_size=input_size, example_inputs=example_inputs, leaf=leaf)
-    except TraceError as exc:
-        if fallback == "never":
-            raise
-        why = None if fallback == "eager" else exc
-        opts = dict(include=include, exclude=exclude, input_size=input_size, leaf=leaf)
-        return _insert_eager(model, shift, scale, record, why, example_inputs, fused, **opts)
+    a, why = _analyse_with_fallback(model, fallback, input_size, example_inputs, leaf)
+    if isinstance(a, eager.EagerAnalysis):
+        size = _parse_input_size(input_size, model)
+        return _insert_eager(
+            a, model, shift, scale, record, why, fused, include, exclude, size, leaf
+        )
     chosen = sites_mod.select(a.sites, include, exclude)
     gm, nodes = a.gm, {n.name: n for n in a.gm.graph.nodes}
     device = _device_of(gm)
@@ -303,26 +312,19 @@ def _user_leaf_types(model: nn.Module, leaf: Iterable[str | type]) -> list[type]
 
 
 def _insert_eager(
+    a: eager.EagerAnalysis,
     model: nn.Module,
     shift: str,
     scale: str,
     record: dict[str, Any],
     why: TraceError | None,
-    example_inputs: Sequence[torch.Tensor] | None,
     fused: bool,
-    *,
     include: list[str],
     exclude: list[str],
-    input_size: Sequence[int] | str | None,
+    size: tuple[int, ...],
     leaf: Iterable[str | type],
 ) -> nn.Module:
-    """The eager fallback of :func:`insert`: hooks on a deep copy of ``model``."""
-    leaf = list(leaf)
-    size = _parse_input_size(input_size, model)
-    inputs = example_inputs or shapes.example_inputs_for(size)
-    a = eager.analyse_eager(model, inputs, _user_leaf_types(model, leaf))
-    if why is not None:
-        _check_reaches(a, why)
+    """The eager fallback of :func:`insert`: hooks on the deep copy ``a.model``."""
     chosen = sites_mod.select(a.sites, include, exclude)
     if shift == "none" and scale == "none":
         chosen = []

@@ -9,6 +9,7 @@ in eval mode: shapes do not depend on the mode, and the model's buffers are neve
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -64,10 +65,12 @@ def _on_cpu_zeros(module: torch.nn.Module, args: tuple, kwargs: dict):
     )
 
 
-def _shape_preserving() -> tuple[type, ...]:
+@functools.cache
+def shape_preserving_types() -> tuple[type, ...]:
     """Norm layers whose output has their input's shape and dtype: on meta their result is
     ``empty(input.shape)`` (their meta kernels cost milliseconds per call in Python: a second
-    for a model with hundreds of ``BatchNormAct2d``)."""
+    for a model with hundreds of ``BatchNormAct2d``). They call no activation function (only
+    activation modules, which are found by class). Built on first use: it imports timm."""
     types: list[type] = [
         torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm,
     ]  # fmt: skip
@@ -87,19 +90,8 @@ def _shape_preserving() -> tuple[type, ...]:
     return tuple(types)
 
 
-_SHAPE_PRESERVING: tuple[type, ...] | None = None
-
-
-def shape_preserving_types() -> tuple[type, ...]:
-    """The norm layers whose meta result is ``empty(input.shape)``; they call no activation
-    function (only activation modules, which are found by class)."""
-    global _SHAPE_PRESERVING
-    if _SHAPE_PRESERVING is None:
-        _SHAPE_PRESERVING = _shape_preserving()
-    return _SHAPE_PRESERVING
-
-
-def _elementwise_modules() -> frozenset[type]:
+@functools.cache
+def elementwise_modules() -> frozenset[type]:
     """Module classes (exact types) whose output has their input's shape and dtype."""
     nn = torch.nn
     types = {
@@ -120,9 +112,6 @@ def _elementwise_modules() -> frozenset[type]:
         ):
             types.add(obj)
     return frozenset(types)
-
-
-_ELEMENTWISE: frozenset[type] | None = None
 
 
 def _norm_functions() -> dict:
@@ -175,10 +164,8 @@ class _ShapeRecorder(fx.Interpreter):
         return super().call_function(target, args, kwargs)
 
     def call_module(self, target, args, kwargs):
-        global _ELEMENTWISE
         module = self.fetch_attr(target)
-        meta = [a for a in args if isinstance(a, torch.Tensor) and a.is_meta]
-        if not meta:
+        if not any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
             return super().call_module(target, args, kwargs)
         if isinstance(module, torch.nn.RNNBase):
             return _on_cpu_zeros(module, args, kwargs)
@@ -192,13 +179,7 @@ class _ShapeRecorder(fx.Interpreter):
         if not plain:
             return super().call_module(target, args, kwargs)
         x = args[0]
-        if _ELEMENTWISE is None:
-            _ELEMENTWISE = _elementwise_modules()
-        if type(module) in _ELEMENTWISE:
-            return _empty(x)
-        if type(module).forward is not torch.nn.Module.forward and isinstance(
-            module, shape_preserving_types()
-        ):
+        if type(module) in elementwise_modules() or isinstance(module, shape_preserving_types()):
             return _empty(x)
         if (
             type(module) is torch.nn.Linear

@@ -147,8 +147,8 @@ def test_norm_layers_skip_their_meta_kernels_with_the_same_metadata(channels_las
     shapes._on_real(real, (x,))
     slow = tracing.trace(model)
     with monkeypatch.context() as m:
-        m.setattr(shapes, "_SHAPE_PRESERVING", ())  # every layer runs its meta kernel
-        m.setattr(shapes, "_ELEMENTWISE", frozenset())
+        m.setattr(shapes, "shape_preserving_types", lambda: ())  # every layer runs its kernel
+        m.setattr(shapes, "elementwise_modules", frozenset)
         m.setattr(shapes, "_NORM_FUNCTIONS", {})
         shapes._on_meta(slow, (x,))
     meta = tracing.trace(model)  # before the patches: graph nodes keep the real functions
