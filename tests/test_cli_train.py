@@ -32,14 +32,8 @@ def cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _env(cache):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SURGEON_CACHE", str(cache))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    mp.undo()
+def _env(training_env):
+    """The shared data cache and one torch thread (``training_env`` in conftest.py)."""
 
 
 def cli(capsys, *args: str | Path) -> tuple[int, str, str]:

@@ -29,14 +29,8 @@ STREAM, TEST = 24, 30
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _env(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SURGEON_CACHE", str(tmp_path_factory.getbasetemp() / "surgeon-cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    mp.undo()
+def _env(training_env):
+    """The shared data cache and one torch thread (``training_env`` in conftest.py)."""
 
 
 def cfg(**kw) -> TrainConfig:

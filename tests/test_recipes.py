@@ -8,7 +8,6 @@ import json
 import math
 
 import pytest
-import torch
 from surgeon_cli.app import main
 
 from surgeon.errors import TrainError
@@ -25,14 +24,8 @@ LAYER_COMBOS = {"shift-layer", "scale-layer", "shift-layer+scale-layer"}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _env(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SURGEON_CACHE", str(tmp_path_factory.getbasetemp() / "surgeon-cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    mp.undo()
+def _env(training_env):
+    """The shared data cache and one torch thread (``training_env`` in conftest.py)."""
 
 
 def thesis(n: int) -> str:

@@ -36,15 +36,8 @@ VOLATILE = {"time_s", "images_per_s"}  # the only metrics allowed to differ betw
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _env(tmp_path_factory):
-    """A data cache shared by the training tests (never ~/.cache); one torch thread."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SURGEON_CACHE", str(tmp_path_factory.getbasetemp() / "surgeon-cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: faster and steadier on busy cores
-    yield
-    torch.set_num_threads(threads)
-    mp.undo()
+def _env(training_env):
+    """The shared data cache and one torch thread (``training_env`` in conftest.py)."""
 
 
 @pytest.fixture(scope="module")
