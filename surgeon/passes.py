@@ -296,7 +296,8 @@ def _check_reaches(a: eager.EagerAnalysis, exc: TraceError) -> None:
     calls = sum(u["calls"] for u in a.unreached)
     raise TraceError(
         f"{exc.message} (the module-level fallback reaches none of its {calls} activation calls)",
-        hint=exc.hint,
+        hint="mark the module that does data-dependent control flow as a leaf with --leaf "
+        "ClassName (module-level insertion cannot reach activation functions)",
     ) from exc
 
 

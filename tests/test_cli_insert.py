@@ -226,6 +226,7 @@ def bad_input_cases(models_dir: Path, tmp_path: Path) -> dict[str, tuple[list[st
                 "control flow",
                 "reaches none of its 1 activation calls",
                 "--leaf",
+                "cannot reach activation functions",
             ],
         ),
         "invalid shift": (["allconv", "--shift", "channels"], ["invalid shift mode 'channels'"]),
