@@ -230,6 +230,7 @@ class Observer:
         self.act_depth = 0
         self.seq = self.inv = 0
         self._handles: list = []
+        self._mode: _Functions | None = None
         self._layout: dict[int, tuple[str, tuple[int, ...]]] = {}
         self._inputs: dict[str, list[tuple[int, ...] | None]] = defaultdict(list)
 
@@ -237,6 +238,8 @@ class Observer:
     def _scope_pre(self, path: str):
         def hook(module, args):
             self.inv += 1
+            if not self.scopes:
+                self._functions_on()
             self.scopes.append((path, self.inv))
 
         return hook
@@ -244,6 +247,20 @@ class Observer:
     def _scope_post(self, module, args, output):
         if self.scopes:
             self.scopes.pop()
+            if not self.scopes:
+                self._functions_off()
+
+    # The function mode is on only inside a scope: outside, every torch call of the run
+    # (and of the shape recorder) would pay for it.
+    def _functions_on(self) -> None:
+        if self._mode is None:
+            self._mode = _Functions(self)
+            self._mode.__enter__()
+
+    def _functions_off(self) -> None:
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
 
     def enter(self, path: str) -> None:
         """Enter a scope that is not a module (a function the graph keeps whole)."""
@@ -324,12 +341,10 @@ class Observer:
             self._handles.append(
                 mod.register_forward_hook(self._act_post(path, site, target), always_call=True)
             )
-        self._mode = _Functions(self)
-        self._mode.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
+        self._functions_off()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -338,6 +353,7 @@ class Observer:
         """Forget what was seen (before another attempt of the run)."""
         self.calls.clear()
         self.scopes.clear()
+        self._functions_off()
         self.stack.clear()
         self.act_depth = 0
 

@@ -110,6 +110,13 @@ class _Proxy(fx.Proxy):
             return (self[i] for i in range(inst.argval))
         return self.tracer.iter(self)
 
+    def __getattr__(self, k: str) -> fx.proxy.Attribute:
+        return _Attribute(self, k)  # ``b, n, c = x.shape`` unpacks an attribute proxy
+
+
+class _Attribute(_Proxy, fx.proxy.Attribute):
+    """fx's lazily recorded attribute proxy (``x.shape``) with :class:`_Proxy`'s ``__iter__``."""
+
 
 class SurgeonTracer(fx.Tracer):
     """An FX tracer whose leaves are torch.nn modules, timm's registered leaves,
