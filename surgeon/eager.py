@@ -12,7 +12,6 @@ module runs after it.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from . import modsites, shapes
+from ._copy import deepcopy_module
 from .errors import SurgeryError
 from .sites import Site
 
@@ -101,7 +101,7 @@ def analyse_eager(
     opaque: Sequence[type] = (),
 ) -> EagerAnalysis:
     """Find the module-level sites of a deep copy of ``model`` by running it once."""
-    m = copy.deepcopy(model)
+    m = deepcopy_module(model)
     everything = modsites.activation_modules(m, enter_all=True)
     reachable = modsites.activation_modules(m, opaque=tuple(opaque))
     targets = {p: v[0] for p, v in reachable.items() if not modsites.has_attached(v[0])}

@@ -114,54 +114,254 @@ def elementwise_modules() -> frozenset[type]:
     return frozenset(types)
 
 
-def _norm_functions() -> dict:
-    """Normalisation functions -> a check that the real call would not fail; on meta they
-    return ``empty(input.shape)`` (timm's LayerNorm subclasses call ``F.layer_norm``, 2-3 ms
-    a call on meta)."""
-    F = torch.nn.functional
-    checks = {
-        F.layer_norm: lambda x, shape, *a, **k: (
-            tuple(x.shape[x.dim() - len(shape) :]) == tuple(shape)
-        ),
-        F.group_norm: lambda x, groups, *a, **k: x.dim() >= 2 and x.shape[1] % groups == 0,
-    }
-    if hasattr(F, "rms_norm"):
-        checks[F.rms_norm] = checks[F.layer_norm]
-    return checks
-
-
-_NORM_FUNCTIONS = _norm_functions()
-
-
-def _empty(x: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
+def _empty(x: torch.Tensor, shape: Sequence[int] | None = None, dtype=None) -> torch.Tensor:
     # contiguous: only shapes and dtypes are used, and a later .view() works on it wherever
     # it works on the real output
     return torch.empty(
-        tuple(x.shape) if shape is None else tuple(shape), dtype=x.dtype, device="meta"
+        tuple(x.shape) if shape is None else tuple(shape),
+        dtype=x.dtype if dtype is None else dtype,
+        device="meta",
     )
+
+
+# ------------------------------------------------------------------ shape rules
+# On meta, many kernels are Python decompositions that cost far more than the arithmetic
+# of their output shape (0.1-3 ms a call: seconds for a model with thousands of nodes). A
+# rule gives the output (``empty`` of the right shape and dtype) for the arguments it is
+# sure of, and None for anything else (odd arguments, arguments the real op rejects), when
+# the op runs as usual. tests/test_shape_rules.py checks every rule against the kernels.
+
+
+def _layer_norm(x, normalized_shape, weight=None, bias=None, *a, **k):
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if not shape or tuple(x.shape[x.dim() - len(shape) :]) != shape or x.dim() < len(shape):
+        return None
+    for t in (weight, bias):
+        if t is not None and (tuple(t.shape) != shape or t.dtype != x.dtype):
+            return None
+    return _empty(x)
+
+
+def _group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+    if x.dim() < 2 or num_groups <= 0 or x.shape[1] % num_groups or x.numel() == 0:
+        return None
+    if x.numel() // num_groups <= 1:  # one value per group: an error
+        return None
+    for t in (weight, bias):
+        if t is not None and (tuple(t.shape) != (x.shape[1],) or t.dtype != x.dtype):
+            return None
+    return _empty(x)
+
+
+def _batch_norm(
+    x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
+    if x.dim() < 2 or not x.dtype.is_floating_point:
+        return None
+    c = x.shape[1]
+    for t in (running_mean, running_var, weight, bias):
+        if t is not None and (tuple(t.shape) != (c,) or t.dtype != x.dtype):
+            return None
+    if training:  # batch statistics need more than one value per channel
+        if x.numel() // max(c, 1) <= 1:
+            return None
+    elif running_mean is None or running_var is None:
+        return None
+    return _empty(x)
+
+
+def _normalize(x, p=2.0, dim=1, eps=1e-12, out=None):
+    if out is not None or not x.dtype.is_floating_point or not -x.dim() <= dim < x.dim():
+        return None
+    return _empty(x)
+
+
+def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if enable_gqa or not (q.dim() == k.dim() == v.dim() >= 2):
+        return None
+    if not q.dtype.is_floating_point or not q.dtype == k.dtype == v.dtype:
+        return None
+    if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
+        return None
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        return None
+    if attn_mask is not None:
+        scores = (*q.shape[:-1], k.shape[-2])
+        if is_causal or not isinstance(attn_mask, torch.Tensor) or not attn_mask.is_meta:
+            return None
+        if attn_mask.dtype not in (torch.bool, q.dtype):
+            return None
+        if torch.broadcast_shapes(attn_mask.shape, scores) != scores:
+            return None
+    return _empty(q, (*q.shape[:-1], v.shape[-1]))
+
+
+def _binary(a, b, *, alpha=None):
+    """``a + b`` and the like: broadcast shape, promoted dtype (floating results only)."""
+    if (
+        isinstance(a, bool)
+        or isinstance(b, bool)
+        or torch.bool in (getattr(a, "dtype", None), getattr(b, "dtype", None))
+    ):
+        return None  # bool arithmetic has its own rules (and no subtraction)
+    if not isinstance(a, torch.Tensor):
+        a, b = b, a
+    if not isinstance(a, torch.Tensor) or not a.is_meta:
+        return None
+    if isinstance(b, torch.Tensor):
+        if not b.is_meta:
+            return None
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+    elif type(b) in (int, float, bool):
+        shape = a.shape
+    else:
+        return None
+    dtype = torch.result_type(a, b)
+    if not dtype.is_floating_point:
+        return None  # integer division, integer overflow rules: let the kernel decide
+    return _empty(a, shape, dtype)
+
+
+def _conv_shape(x, w, bias, stride, padding, dilation, groups) -> tuple[int, ...] | None:
+    n = w.dim() - 2
+    if n < 1 or x.dim() != n + 2 or groups <= 0:
+        return None
+    if x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
+        return None
+    if not x.dtype.is_floating_point or x.dtype != w.dtype:
+        return None
+    if bias is not None and (tuple(bias.shape) != (w.shape[0],) or bias.dtype != x.dtype):
+        return None
+
+    def per_dim(v):
+        v = (v,) * n if isinstance(v, int) else tuple(v)
+        return v if len(v) == n and all(isinstance(i, int) for i in v) else None
+
+    stride, dilation = per_dim(stride), per_dim(dilation)
+    if stride is None or dilation is None or min(stride) < 1 or min(dilation) < 1:
+        return None
+    if padding == "same":
+        if any(s != 1 for s in stride):
+            return None
+        return (x.shape[0], w.shape[0], *x.shape[2:])
+    padding = per_dim(0 if padding == "valid" else padding)
+    if padding is None or min(padding) < 0:
+        return None
+    out = []
+    for size, k, s, p, d in zip(x.shape[2:], w.shape[2:], stride, padding, dilation, strict=True):
+        span = size + 2 * p - d * (k - 1)
+        if span < 1:
+            return None
+        out.append((span - 1) // s + 1)
+    return (x.shape[0], w.shape[0], *out)
+
+
+def _conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    shape = _conv_shape(x, weight, bias, stride, padding, dilation, groups)
+    return None if shape is None else _empty(x, shape)
+
+
+def _reduce(x, dim=None, keepdim=False, *, dtype=None):
+    """``x.mean(dim)`` / ``x.sum(dim)`` of a floating tensor."""
+    if dtype is not None or not x.dtype.is_floating_point or dim is None:
+        return None
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    if not dims or not all(isinstance(d, int) for d in dims) or x.dim() == 0:
+        return None
+    if any(not -x.dim() <= d < x.dim() for d in dims):
+        return None
+    dims = {d % x.dim() for d in dims}
+    if len(dims) != len(tuple(dim) if not isinstance(dim, int) else (dim,)):
+        return None  # a repeated dim: an error
+    if keepdim:
+        shape = [1 if i in dims else s for i, s in enumerate(x.shape)]
+    else:
+        shape = [s for i, s in enumerate(x.shape) if i not in dims]
+    return _empty(x, shape)
+
+
+def _linear(x, weight, bias=None):
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        return None
+    if not x.dtype.is_floating_point or x.dtype != weight.dtype:
+        return None
+    if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or bias.dtype != x.dtype):
+        return None
+    return _empty(x, (*x.shape[:-1], weight.shape[0]))
+
+
+def _function_rules() -> dict:
+    F = torch.nn.functional
+    import operator
+
+    rules = {
+        F.layer_norm: _layer_norm, F.group_norm: _group_norm, F.batch_norm: _batch_norm,
+        F.normalize: _normalize, F.linear: _linear, F.conv1d: _conv, F.conv2d: _conv, F.conv3d: _conv,
+        operator.add: _binary, operator.sub: _binary, operator.mul: _binary,
+        operator.truediv: _binary, torch.add: _binary, torch.sub: _binary, torch.mul: _binary,
+    }  # fmt: skip
+    if hasattr(F, "rms_norm"):
+        rules[F.rms_norm] = _layer_norm
+    if hasattr(F, "scaled_dot_product_attention"):
+        rules[F.scaled_dot_product_attention] = _sdpa
+    return rules
+
+
+FUNCTION_RULES = _function_rules()
+METHOD_RULES = {"mean": _reduce, "sum": _reduce}
+
+
+def apply_rule(rule, args, kwargs) -> torch.Tensor | None:
+    """The rule's output for meta arguments, or None (not meta, or the rule declines)."""
+    if not args or not any(isinstance(a, torch.Tensor) and a.is_meta for a in args[:2]):
+        return None
+    if any(isinstance(a, torch.Tensor) and not a.is_meta for a in (*args, *kwargs.values())):
+        return None
+    try:
+        return rule(*args, **kwargs)
+    except Exception:  # odd arguments: the kernel decides
+        return None
+
+
+def _module_rule(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Plain one-tensor calls of modules whose output shape is plain."""
+    nn = torch.nn
+    cls = type(module)
+    if cls in elementwise_modules() or isinstance(module, shape_preserving_types()):
+        return _empty(x)
+    if cls is nn.Linear:
+        return apply_rule(_linear, (x, module.weight, module.bias), {})
+    if cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        return apply_rule(
+            _conv,
+            (x, module.weight, module.bias, module.stride, module.padding, module.dilation),
+            {"groups": module.groups},
+        )
+    return None
 
 
 class _ShapeRecorder(fx.Interpreter):
     """Run the graph and record the tensor metadata of every node's result.
 
-    On meta tensors, modules and functions whose output shape is plain (norms, elementwise
-    activations, ``nn.Linear``) are not run: their meta kernels are Python and cost far
-    more than the arithmetic of their shape.
+    On meta tensors, modules, functions and methods whose output shape is plain (norms,
+    elementwise activations and arithmetic, linear and convolution layers, attention,
+    reductions) are not run: see the shape rules above.
     """
 
     def call_function(self, target, args, kwargs):
         try:
-            check = _NORM_FUNCTIONS.get(target)
+            rule = FUNCTION_RULES.get(target)
         except TypeError:  # an unhashable callable
-            check = None
-        if check is not None and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
-            try:
-                ok = check(*args, **kwargs)
-            except Exception:  # odd arguments: let the real call decide
-                ok = False
-            if ok:
-                return _empty(args[0])
+            rule = None
+        if rule is not None and (out := apply_rule(rule, args, kwargs)) is not None:
+            return out
         return super().call_function(target, args, kwargs)
+
+    def call_method(self, target, args, kwargs):
+        rule = METHOD_RULES.get(target)
+        if rule is not None and (out := apply_rule(rule, args, kwargs)) is not None:
+            return out
+        return super().call_method(target, args, kwargs)
 
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
@@ -176,18 +376,8 @@ class _ShapeRecorder(fx.Interpreter):
             and not module._forward_hooks
             and not module._forward_pre_hooks
         )
-        if not plain:
-            return super().call_module(target, args, kwargs)
-        x = args[0]
-        if type(module) in elementwise_modules() or isinstance(module, shape_preserving_types()):
-            return _empty(x)
-        if (
-            type(module) is torch.nn.Linear
-            and x.dim() >= 1
-            and x.shape[-1] == module.in_features
-            and x.dtype == module.weight.dtype
-        ):
-            return _empty(x, (*x.shape[:-1], module.out_features))
+        if plain and (out := _module_rule(module, args[0])) is not None:
+            return out
         return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node):

@@ -10,6 +10,7 @@ calls whose flag is the only difference become ``nn.Dropout`` modules (which rea
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dis
 import functools
@@ -28,6 +29,7 @@ from torch.fx.node import map_arg
 from torch.fx.proxy import ParameterProxy
 
 from . import registry
+from ._copy import deepcopy_module
 from .errors import TraceError
 
 try:  # attributes listed here survive copy.deepcopy of a GraphModule
@@ -252,15 +254,17 @@ def trace(
         gm.train(model.training)
         set_preserved(gm, "surgeon_mode_dependent", getattr(model, "surgeon_mode_dependent", False))
         return gm
-    root = copy.deepcopy(model) if copy_model else model
+    root = deepcopy_module(model) if copy_model else model
     concrete = constant_defaults(root, n_inputs)
     try:
-        graph = _trace_graph(root, leaf_modules, concrete)
+        with watch_training(root) as reads:
+            graph = _trace_graph(root, leaf_modules, concrete)
     except Exception as exc:  # the tracer raises many types; all mean "not traceable"
         raise _trace_error(model, exc) from exc
-    other = _trace_in_other_mode(root, leaf_modules, concrete)
+    # a graph that read no module's ``training`` is the graph of either mode
+    other = _trace_in_other_mode(root, leaf_modules, concrete) if reads.seen else graph
     gm = fx.GraphModule(root, graph, type(model).__name__)
-    dependent = _make_dropout_follow_mode(gm, other, trained=root.training)
+    dependent = _make_dropout_follow_mode(gm, other, trained=root.training) if reads.seen else False
     gm.train(model.training)
     set_preserved(gm, "surgeon_mode_dependent", dependent)
     return gm
@@ -291,6 +295,86 @@ def _trace_in_other_mode(
 
 
 # ---------------------------------------------------------------- mode dependence
+
+
+class _Reads:
+    """Whether a watched module's ``training`` was read (``seen``), and by which."""
+
+    def __init__(self, seen: bool = False) -> None:
+        self.seen = seen
+        self.by: list[str] = []
+
+
+_WATCH: list[_Reads] = []  # the innermost watch_training() records the reads
+
+
+class _TrainingAttribute:
+    """``training`` of a watched module: the instance's own value, each read recorded."""
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        if _WATCH:
+            reads = _WATCH[-1]
+            reads.seen = True
+            reads.by.append(type(obj).__qualname__)
+        return obj.__dict__["training"]
+
+    def __set__(self, obj: Any, value: bool) -> None:
+        obj.__dict__["training"] = value
+
+
+_TRAINING = _TrainingAttribute()
+
+
+@functools.cache
+def _watched_class(cls: type) -> type | None:
+    """A subclass of ``cls`` that differs only in recording reads of ``training``; None
+    where ``cls`` defines ``training`` itself (a property: not the plain flag)."""
+    if any("training" in vars(c) for c in cls.__mro__):
+        return None
+    try:
+        return type(
+            cls.__name__,
+            (cls,),
+            {"training": _TRAINING, "__module__": cls.__module__, "__qualname__": cls.__qualname__},
+        )
+    except TypeError:  # a final class or an odd metaclass
+        return None
+
+
+@contextlib.contextmanager
+def watch_training(root: nn.Module):
+    """Record reads of ``training`` of any module of ``root`` inside the block.
+
+    Each module's class is swapped for a subclass whose ``training`` is a recording
+    descriptor, and swapped back on exit. The values read are the real booleans, so the
+    code runs exactly as it would. Yields a :class:`_Reads`; where a module cannot be
+    watched, ``seen`` is True from the start (assume the worst).
+    """
+    reads = _Reads()
+    swapped: list[tuple[nn.Module, type]] = []
+    try:
+        for m in root.modules():
+            cls = type(m)
+            watched = _watched_class(cls)
+            if watched is None:
+                reads.seen = True
+                continue
+            try:
+                m.__class__ = watched
+            except TypeError:  # a layout that cannot take a subclass
+                reads.seen = True
+                continue
+            swapped.append((m, cls))
+        _WATCH.append(reads)
+        yield reads
+    finally:
+        if _WATCH and _WATCH[-1] is reads:
+            _WATCH.pop()
+        for m, cls in swapped:
+            m.__class__ = cls
+
 
 _DROPOUT_MODULES: dict[Any, type[nn.Module]] = {
     F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d,

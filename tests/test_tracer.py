@@ -147,19 +147,19 @@ def test_norm_layers_skip_their_meta_kernels_with_the_same_metadata(channels_las
     shapes._on_real(real, (x,))
     slow = tracing.trace(model)
     with monkeypatch.context() as m:
-        m.setattr(shapes, "shape_preserving_types", lambda: ())  # every layer runs its kernel
-        m.setattr(shapes, "elementwise_modules", frozenset)
-        m.setattr(shapes, "_NORM_FUNCTIONS", {})
+        m.setattr(shapes, "FUNCTION_RULES", {})  # every layer and function runs its kernel
+        m.setattr(shapes, "METHOD_RULES", {})
+        m.setattr(shapes, "_module_rule", lambda module, x: None)
         shapes._on_meta(slow, (x,))
-    meta = tracing.trace(model)  # before the patches: graph nodes keep the real functions
+    meta = tracing.trace(model)
     layer_norm, hits = F.layer_norm, []
-    checks = {
-        f: (lambda *a, f=f, c=c, **k: hits.append(f) or c(*a, **k))
-        for f, c in shapes._NORM_FUNCTIONS.items()
+    rules = {
+        f: (lambda *a, f=f, r=r, **k: hits.append(f) or r(*a, **k))
+        for f, r in shapes.FUNCTION_RULES.items()
     }
-    monkeypatch.setattr(shapes, "_NORM_FUNCTIONS", checks)
+    monkeypatch.setattr(shapes, "FUNCTION_RULES", rules)
     calls = []
-    for name in ("batch_norm", "layer_norm", "group_norm", "linear", "relu"):
+    for name in ("batch_norm", "layer_norm", "group_norm", "linear", "relu", "conv2d"):
         fn = getattr(F, name)
         monkeypatch.setattr(F, name, lambda *a, fn=fn, **k: calls.append(fn) or fn(*a, **k))
     shapes._on_meta(meta, (x,))
