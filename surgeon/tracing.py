@@ -240,11 +240,43 @@ def constant_defaults(root: nn.Module, n_inputs: int) -> dict[str, Any]:
     }
 
 
+def graph_module(
+    root: nn.Module, graph: fx.Graph, name: str, compile: bool = True
+) -> fx.GraphModule:
+    """``fx.GraphModule(root, graph, name)``; with ``compile=False`` its Python code is
+    generated on the first call instead (for a graph that will change before it runs:
+    code generation costs as much as a tenth of ``surgeon.insert``)."""
+    if compile:
+        return fx.GraphModule(root, graph, name)
+    gm = fx.GraphModule.__new__(fx.GraphModule)
+    cls = type(gm)  # fx makes one class per instance, to hold its generated forward
+    if cls is fx.GraphModule or "recompile" in vars(cls):  # not that layout: compile now
+        fx.GraphModule.__init__(gm, root, graph, name)
+        return gm
+    cls.recompile = lambda self: None
+    try:
+        fx.GraphModule.__init__(gm, root, graph, name)
+    finally:
+        del cls.recompile
+
+    def forward(self, *args, **kwargs):  # replaced by the generated forward
+        self.recompile()
+        return self(*args, **kwargs)
+
+    cls.forward = forward
+    return gm
+
+
 def trace(
-    model: nn.Module, leaf_modules: Iterable[type] = (), copy_model: bool = True, n_inputs: int = 1
+    model: nn.Module,
+    leaf_modules: Iterable[type] = (),
+    copy_model: bool = True,
+    n_inputs: int = 1,
+    compile: bool = True,
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` (a deep copy unless ``copy_model=False``) in its
-    current train/eval mode, for calls with ``n_inputs`` positional tensors."""
+    current train/eval mode, for calls with ``n_inputs`` positional tensors. With
+    ``compile=False`` the code is generated on the first call (see :func:`graph_module`)."""
     leaf_modules = tuple(leaf_modules)
     if isinstance(model, fx.GraphModule):
         root = copy.deepcopy(model) if copy_model else model
@@ -263,7 +295,7 @@ def trace(
         raise _trace_error(model, exc) from exc
     # a graph that read no module's ``training`` is the graph of either mode
     other = _trace_in_other_mode(root, leaf_modules, concrete) if reads.seen else graph
-    gm = fx.GraphModule(root, graph, type(model).__name__)
+    gm = graph_module(root, graph, type(model).__name__, compile)
     dependent = _make_dropout_follow_mode(gm, other, trained=root.training) if reads.seen else False
     gm.train(model.training)
     set_preserved(gm, "surgeon_mode_dependent", dependent)
@@ -317,7 +349,7 @@ class _TrainingAttribute:
         if _WATCH:
             reads = _WATCH[-1]
             reads.seen = True
-            reads.by.append(type(obj).__qualname__)
+            reads.by.append(type(obj).__name__)
         return obj.__dict__["training"]
 
     def __set__(self, obj: Any, value: bool) -> None:

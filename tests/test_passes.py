@@ -286,6 +286,54 @@ def test_other_self_training_branches_are_reported(forms, max_abs_diff) -> None:
     assert max_abs_diff(model, eval_gm, torch.randn(3, 6)) == 0.0
 
 
+def test_one_trace_unless_a_module_reads_self_training(forms, monkeypatch) -> None:
+    from surgeon import tracing
+
+    traces = []
+    real = tracing._trace_graph
+    monkeypatch.setattr(tracing, "_trace_graph", lambda *a, **k: traces.append(1) or real(*a, **k))
+    plain = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 2))
+    gm = surgeon.insert(plain, "layer", "layer", input_size=(6,))
+    assert len(traces) == 1 and "warnings" not in gm.surgeon_record  # Dropout is a leaf
+    traces.clear()
+    surgeon.insert(forms.FunctionalDropout(), "layer", "layer")
+    assert len(traces) == 2  # forward reads self.training: traced in the other mode too
+    assert all(type(m).__module__ != "surgeon.tracing" for m in plain.modules())
+
+
+def test_watch_training_records_reads_and_restores_classes() -> None:
+    from surgeon.tracing import watch_training
+
+    class Reader(nn.Module):
+        def forward(self, x):
+            return x * 2 if self.training else x
+
+    class OwnFlag(nn.Module):
+        @property
+        def training(self):  # a class that makes training its own: never swapped
+            return True
+
+        @training.setter
+        def training(self, value):
+            pass
+
+    model = nn.Sequential(nn.Linear(2, 2), Reader()).eval()
+    with watch_training(model) as reads:
+        assert type(model[1]).__name__ == "Reader" and isinstance(model[1], Reader)
+        assert not reads.seen
+        model[1].train()  # setting is not reading
+        assert not reads.seen
+        assert torch.equal(model[1](torch.ones(1)), torch.full((1,), 2.0))  # the real value
+        assert reads.seen and reads.by == ["Reader"]
+    assert type(model[1]) is Reader and type(model[0]) is nn.Linear
+    assert model[1].__dict__["training"] is True
+    with pytest.raises(RuntimeError), watch_training(model):
+        raise RuntimeError("boom")
+    assert type(model[1]) is Reader  # restored on errors too
+    with watch_training(nn.Sequential(OwnFlag())) as reads:
+        assert reads.seen  # cannot be watched: assume it reads
+
+
 def test_drop_path_and_stochastic_depth_are_leaves() -> None:
     from timm.layers import DropPath
     from torchvision.ops import StochasticDepth

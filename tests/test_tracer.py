@@ -168,3 +168,18 @@ def test_norm_layers_skip_their_meta_kernels_with_the_same_metadata(channels_las
     assert len(metas(meta)) == len(meta.graph.nodes)  # every node has its metadata
     names = [s.name for s in find_sites(model, input_size=(3, 5, 5))]
     assert names == ["x", "bn_act", "relu"]  # bn_only applies no activation: not a site
+
+
+def test_uncompiled_graph_module_generates_its_code_on_first_call():
+    from surgeon.tracing import graph_module
+
+    model = Tied().eval()
+    graph = SurgeonTracer().trace(model)
+    gm = graph_module(model, graph, "Tied", compile=False)
+    assert not hasattr(gm, "_code")  # nothing generated yet
+    other = graph_module(model, SurgeonTracer().trace(model), "Tied")
+    assert hasattr(other, "_code") and not hasattr(gm, "_code")  # one class per instance
+    x = torch.randn(3, 4)
+    assert torch.equal(gm(x), model(x))
+    assert "def forward" in gm.code and torch.equal(gm(x), other(x))
+    assert isinstance(gm, fx.GraphModule) and type(gm).__name__ == "Tied"
