@@ -13,6 +13,7 @@ would.
 from __future__ import annotations
 
 import copy
+import copyreg
 import types
 import weakref
 from collections import OrderedDict
@@ -46,17 +47,20 @@ _OBJECT_REDUCE = object.__reduce__
 
 
 def _plain_module_class(cls: type) -> bool:
-    """Whether ``copy.deepcopy`` copies instances of ``cls`` through nn.Module's own
-    ``__getstate__``/``__setstate__`` (no class on the way overrides the protocol)."""
+    """Whether ``copy.deepcopy`` copies instances of ``cls`` as ``cls.__new__(cls)`` then
+    ``__setstate__`` of the deep-copied ``nn.Module.__getstate__()`` (no class on the way
+    overrides how instances are reduced; ``__setstate__`` may be overridden, it is called
+    the same way, e.g. by ``nn.Conv2d``)."""
     return (
         issubclass(cls, nn.Module)
         and cls not in copy._deepcopy_dispatch
-        and cls not in __import__("copyreg").dispatch_table
+        and cls not in copyreg.dispatch_table
         and getattr(cls, "__deepcopy__", None) is None
         and cls.__reduce_ex__ is _OBJECT_REDUCE_EX
         and cls.__reduce__ is _OBJECT_REDUCE
         and cls.__getstate__ is nn.Module.__getstate__
-        and cls.__setstate__ is nn.Module.__setstate__
+        and not hasattr(cls, "__getnewargs_ex__")
+        and not hasattr(cls, "__getnewargs__")
     )
 
 

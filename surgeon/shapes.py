@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import fx
 from torch.fx.node import map_aggregate
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .errors import SurgeryError
 
@@ -340,6 +340,27 @@ def _module_rule(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | Non
     return None
 
 
+_MEMORY_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
+    """``torch.fx.passes.shape_prop._extract_tensor_metadata`` for plain dense tensors,
+    asking the tensor for its memory format (fx's version decides it in Python, a tenth
+    of shape propagation)."""
+    if (
+        type(t) not in (torch.Tensor, torch.nn.Parameter)
+        or t.is_quantized
+        or t.layout != torch.strided
+    ):
+        return _extract_tensor_metadata(t)
+    fmt = None
+    if t.is_contiguous():
+        fmt = torch.contiguous_format
+    elif t.dim() in _MEMORY_FORMATS and t.is_contiguous(memory_format=_MEMORY_FORMATS[t.dim()]):
+        fmt = _MEMORY_FORMATS[t.dim()]
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), fmt, False, {})
+
+
 class _ShapeRecorder(fx.Interpreter):
     """Run the graph and record the tensor metadata of every node's result.
 
@@ -391,7 +412,7 @@ class _ShapeRecorder(fx.Interpreter):
             nonlocal found
             if isinstance(obj, torch.Tensor):
                 found = True
-                return _extract_tensor_metadata(obj)
+                return tensor_metadata(obj)
             return obj
 
         tm = map_aggregate(result, meta)
@@ -418,9 +439,14 @@ def _on_meta(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
 
     tensors = dict(gm.named_parameters(remove_duplicate=False))
     tensors.update(gm.named_buffers(remove_duplicate=False))
+    inputs = tuple(t.to("meta") for t in inputs)
+    if all(t.is_meta for t in tensors.values()):  # a model built on meta: nothing to swap
+        with _eval_mode(gm):
+            _ShapeRecorder(gm).run(*inputs)
+        return
     meta = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
     with _eval_mode(gm), _reparametrize_module(gm, meta):
-        _ShapeRecorder(gm).run(*(t.to("meta") for t in inputs))
+        _ShapeRecorder(gm).run(*inputs)
 
 
 def _on_fake(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
