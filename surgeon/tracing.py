@@ -157,6 +157,7 @@ class SurgeonTracer(fx.Tracer):
             for n, b in self.root.named_buffers():
                 buffers.setdefault(id(b), n)
             self._tensor_names = (params, buffers)
+            self._modules_at_start = list(self.root.named_modules())
         params, buffers = self._tensor_names
         if isinstance(value, nn.Parameter):
             return params.get(id(value))
@@ -165,9 +166,30 @@ class SurgeonTracer(fx.Tracer):
     def create_arg(self, a: Any) -> Any:
         if isinstance(a, torch.Tensor) and isinstance(getattr(self, "root", None), nn.Module):
             name = self._tensor_name(a)
+            if name is None and not isinstance(a, nn.Parameter):
+                name = self._other_tensor_name(a)
             if name is not None:
                 return self.create_node("get_attr", name, (), {})
-        return super().create_arg(a)  # constants, and tensors registered during the trace
+        return super().create_arg(a)  # anything else, as fx does it
+
+    def _other_tensor_name(self, a: torch.Tensor) -> str | None:
+        """fx's name for a tensor that was no parameter or buffer of the root when the trace
+        began: a buffer registered since, a plain tensor attribute, or a new constant
+        ``_tensor_constantN``. fx finds it after a scan of ``named_buffers()`` per use (a
+        second for a big ViT that computes its rotary embeddings per block); here the scan is
+        a loop over the ``_buffers`` of the modules listed when the trace began."""
+        if not hasattr(self, "tensor_attrs") or not hasattr(self, "get_fresh_qualname"):
+            return None  # pragma: no cover - another torch: fx's own way
+        for prefix, module in self._modules_at_start:
+            for k, b in module._buffers.items():
+                if b is a:
+                    return f"{prefix}.{k}" if prefix else k
+        name = self.tensor_attrs.get(a)
+        if name is None:
+            name = self.get_fresh_qualname("_tensor_constant")
+            self.tensor_attrs[a] = name
+            setattr(self.root, name, a)
+        return name
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         name = None

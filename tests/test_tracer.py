@@ -41,6 +41,35 @@ def test_same_graph_as_fx_tracer():
     assert {"gain", "offset", "late"} <= set(attrs)
 
 
+class Constants(nn.Module):
+    """Tensors that are no parameter or buffer when the trace begins."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.freqs = torch.arange(4.0)  # a plain attribute
+        self.register_buffer("cache", torch.zeros(4))
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x):
+        for i, block in enumerate(self.blocks):
+            rope = torch.cos(self.freqs * (i + 1))  # computed eagerly: a new constant each
+            x = block(x) * rope + self.freqs
+        self.cache = torch.ones(4)  # a buffer replaced during the trace
+        return x + self.cache
+
+
+def test_constants_get_the_names_fx_gives():
+    def attrs(graph):
+        return [n.target for n in graph.nodes if n.op == "get_attr"]
+
+    mine = SurgeonTracer().trace(Constants())
+    theirs = fx.Tracer().trace(Constants())
+    assert _summary(mine) == _summary(theirs)
+    assert attrs(mine) == attrs(theirs)
+    assert "cache" in attrs(mine) and "freqs" in attrs(mine)
+    assert sum(a.startswith("_tensor_constant") for a in attrs(mine)) == 3
+
+
 def test_traced_module_computes_the_same():
     torch.manual_seed(0)
     m = Tied()
