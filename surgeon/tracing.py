@@ -10,6 +10,7 @@ calls whose flag is the only difference become ``nn.Dropout`` modules (which rea
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dis
@@ -120,6 +121,25 @@ class _Attribute(_Proxy, fx.proxy.Attribute):
     """fx's lazily recorded attribute proxy (``x.shape``) with :class:`_Proxy`'s ``__iter__``."""
 
 
+# arguments fx passes through unchanged (``torch.fx.node.base_types`` without tensors)
+_PLAIN_ARGS = frozenset(
+    t for t in (*fx.node.base_types, type(None), type(...)) if not issubclass(t, torch.Tensor)
+)
+
+
+class _ModuleStack(collections.OrderedDict):
+    """fx's stack of the modules being traced, copied into every node's meta: ``copy.copy``
+    of an OrderedDict goes through ``__reduce_ex__`` (a twentieth of a trace). Watched
+    classes (:func:`watch_training`) are recorded as the classes they stand for."""
+
+    def __copy__(self) -> collections.OrderedDict:
+        return collections.OrderedDict(self)
+
+    def __setitem__(self, key: str, value: tuple[str, Any]) -> None:
+        name, cls = value
+        super().__setitem__(key, (name, vars(cls).get("_surgeon_watches", cls)))
+
+
 class SurgeonTracer(fx.Tracer):
     """An FX tracer whose leaves are torch.nn modules, timm's registered leaves,
     registered activation and norm-act classes, and any extra classes the user names."""
@@ -128,6 +148,7 @@ class SurgeonTracer(fx.Tracer):
         timm_leaves, timm_fns = _timm_fx()
         _torchvision_ops()
         super().__init__(autowrap_functions=tuple(timm_fns))
+        self.module_stack = _ModuleStack()
         self.leaf_types = tuple(set(timm_leaves) | registry.LEAF_MODULES | set(leaf_modules))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -164,6 +185,15 @@ class SurgeonTracer(fx.Tracer):
         return buffers.get(id(value))
 
     def create_arg(self, a: Any) -> Any:
+        # the common arguments first: fx's create_arg asks each of them a dozen isinstance
+        # questions (parameter, module, named tuple, opaque type...) before the answer
+        t = type(a)
+        if t in _PLAIN_ARGS:
+            return a
+        if t is _Proxy or t is _Attribute:
+            return a.node
+        if t is tuple or t is list:
+            return t(self.create_arg(e) for e in a)
         if isinstance(a, torch.Tensor) and isinstance(getattr(self, "root", None), nn.Module):
             name = self._tensor_name(a)
             if name is None and not isinstance(a, nn.Parameter):
@@ -391,7 +421,12 @@ def _watched_class(cls: type) -> type | None:
         return type(
             cls.__name__,
             (cls,),
-            {"training": _TRAINING, "__module__": cls.__module__, "__qualname__": cls.__qualname__},
+            {
+                "training": _TRAINING,
+                "_surgeon_watches": cls,
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+            },
         )
     except TypeError:  # a final class or an odd metaclass
         return None

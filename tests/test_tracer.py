@@ -212,3 +212,23 @@ def test_uncompiled_graph_module_generates_its_code_on_first_call():
     assert torch.equal(gm(x), model(x))
     assert "def forward" in gm.code and torch.equal(gm(x), other(x))
     assert isinstance(gm, fx.GraphModule) and type(gm).__name__ == "Tied"
+
+
+def test_module_stack_names_the_model_classes_while_watched():
+    from surgeon.tracing import watch_training
+
+    class Reader(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.fc(x) * 2 if self.training else x
+
+    model = nn.Sequential(Reader())
+    with watch_training(model) as reads:
+        graph = SurgeonTracer().trace(model)
+    assert reads.seen
+    stacks = [n.meta["nn_module_stack"] for n in graph.nodes if "nn_module_stack" in n.meta]
+    assert stacks and all(type(s) is __import__("collections").OrderedDict for s in stacks)
+    assert {cls for s in stacks for _, cls in s.values()} == {Reader, nn.Linear}
