@@ -14,6 +14,7 @@ import logging
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from types import BuiltinFunctionType
 
 import torch
 from torch import fx
@@ -290,11 +291,70 @@ def _linear(x, weight, bias=None):
     return _empty(x, (*x.shape[:-1], weight.shape[0]))
 
 
+def _number(v) -> bool:
+    return type(v) in (int, float, bool)
+
+
+def _activation(*extra: str, check=None):
+    """A rule for an elementwise activation ``f(x, <extra numbers>..., inplace=False)``."""
+
+    def rule(x, *args, **kwargs):
+        named = dict(zip(extra, args, strict=False))
+        if len(args) > len(extra) + 1 or set(named) & set(kwargs):
+            return None
+        if len(args) == len(extra) + 1:
+            kwargs = {**kwargs, "inplace": args[-1]}
+        named.update(kwargs)
+        if set(named) - {*extra, "inplace"} or not x.dtype.is_floating_point:
+            return None
+        if not all(_number(v) for k, v in named.items() if k in extra):
+            return None
+        if check is not None and not check(**named):
+            return None
+        return _empty(x)
+
+    return rule
+
+
+def _gelu(x, approximate="none"):
+    ok = x.dtype.is_floating_point and approximate in ("none", "tanh")
+    return _empty(x) if ok else None
+
+
+def _softmax(x, dim=None, _stacklevel=3, dtype=None):
+    if dtype is not None or type(dim) is not int or not x.dtype.is_floating_point:
+        return None
+    return _empty(x) if -max(x.dim(), 1) <= dim < max(x.dim(), 1) else None
+
+
+def _dropout(x, p=0.5, training=True, inplace=False):
+    if not _number(p) or not 0.0 <= p <= 1.0 or not x.dtype.is_floating_point:
+        return None
+    return _empty(x)
+
+
+def _activation_rules(F) -> dict:
+    plain = _activation()
+    rules = {
+        F.relu: plain, F.relu6: plain, F.silu: plain, F.mish: plain, F.hardswish: plain,
+        F.hardsigmoid: plain, F.selu: plain, F.sigmoid: plain, F.tanh: plain,
+        torch.relu: plain, torch.sigmoid: plain, torch.tanh: plain, F.gelu: _gelu,
+        F.leaky_relu: _activation("negative_slope"), F.elu: _activation("alpha"),
+        F.celu: _activation("alpha"), F.softplus: _activation("beta", "threshold"),
+        F.hardtanh: _activation(
+            "min_val", "max_val", check=lambda min_val=-1.0, max_val=1.0, **_: min_val <= max_val
+        ),
+        F.softmax: _softmax, torch.softmax: _softmax, F.dropout: _dropout,
+    }  # fmt: skip
+    return rules
+
+
 def _function_rules() -> dict:
     F = torch.nn.functional
     import operator
 
     rules = {
+        **_activation_rules(F),
         F.layer_norm: _layer_norm, F.group_norm: _group_norm, F.batch_norm: _batch_norm,
         F.normalize: _normalize, F.linear: _linear, F.conv1d: _conv, F.conv2d: _conv, F.conv3d: _conv,
         operator.add: _binary, operator.sub: _binary, operator.mul: _binary,
@@ -308,7 +368,29 @@ def _function_rules() -> dict:
 
 
 FUNCTION_RULES = _function_rules()
-METHOD_RULES = {"mean": _reduce, "sum": _reduce}
+METHOD_RULES = {
+    "mean": _reduce, "sum": _reduce, "softmax": _softmax, "relu": _activation(),
+    "sigmoid": _activation(), "tanh": _activation(),
+}  # fmt: skip
+# the same rules as torch functions see them (a Tensor method is its function there)
+_TORCH_FUNCTION_RULES = {
+    **FUNCTION_RULES, **{getattr(torch.Tensor, name): r for name, r in METHOD_RULES.items()}
+}  # fmt: skip
+
+
+class RulesMode(torch.overrides.TorchFunctionMode):
+    """Apply the shape rules to the torch calls inside code that runs as one node (leaf
+    modules such as timm's ``ScaledStdConv2dSame``, functions FX keeps whole)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        try:
+            rule = _TORCH_FUNCTION_RULES.get(func)
+        except TypeError:  # an unhashable callable
+            rule = None
+        if rule is not None and (out := apply_rule(rule, args, kwargs)) is not None:
+            return out
+        return func(*args, **kwargs)
 
 
 def apply_rule(rule, args, kwargs) -> torch.Tensor | None:
@@ -361,6 +443,10 @@ def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
     return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), fmt, False, {})
 
 
+def _any_meta(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.is_meta for a in args)
+
+
 class _ShapeRecorder(fx.Interpreter):
     """Run the graph and record the tensor metadata of every node's result.
 
@@ -376,6 +462,9 @@ class _ShapeRecorder(fx.Interpreter):
             rule = None
         if rule is not None and (out := apply_rule(rule, args, kwargs)) is not None:
             return out
+        if not isinstance(target, BuiltinFunctionType) and _any_meta(args):
+            with RulesMode():  # a Python function FX kept whole
+                return super().call_function(target, args, kwargs)
         return super().call_function(target, args, kwargs)
 
     def call_method(self, target, args, kwargs):
@@ -386,7 +475,7 @@ class _ShapeRecorder(fx.Interpreter):
 
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
-        if not any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
+        if not _any_meta(args):
             return super().call_module(target, args, kwargs)
         if isinstance(module, torch.nn.RNNBase):
             return _on_cpu_zeros(module, args, kwargs)
@@ -399,7 +488,8 @@ class _ShapeRecorder(fx.Interpreter):
         )
         if plain and (out := _module_rule(module, args[0])) is not None:
             return out
-        return super().call_module(target, args, kwargs)
+        with RulesMode():
+            return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node):
         try:

@@ -244,3 +244,67 @@ def test_tensor_metadata_is_fx_own(make):
 
     t = make()
     assert shapes.tensor_metadata(t) == _extract_tensor_metadata(t)
+
+
+ACTIVATIONS = [
+    (F.relu, []), (F.relu6, []), (F.silu, []), (F.mish, []), (F.hardswish, []),
+    (F.hardsigmoid, []), (F.selu, []), (F.sigmoid, []), (F.tanh, []), (torch.relu, []),
+    (torch.sigmoid, []), (torch.tanh, []), (F.gelu, ["approximate"]),
+    (F.leaky_relu, ["negative_slope"]), (F.elu, ["alpha"]), (F.celu, ["alpha"]),
+    (F.softplus, ["beta", "threshold"]), (F.hardtanh, ["min_val", "max_val"]),
+    (F.softmax, ["dim"]), (torch.softmax, ["dim"]), (F.dropout, ["p", "training"]),
+]  # fmt: skip
+VALUES = {
+    "approximate": ["none", "tanh", "bad"], "negative_slope": [0.1, 2], "alpha": [1.0, 0.5],
+    "beta": [1.0, 2], "threshold": [20.0], "min_val": [-1.0, 2.0], "max_val": [1.0, 0.0],
+    "dim": [0, -1, 3, -4, None], "p": [0.0, 0.5, 1.5], "training": [True, False],
+}  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_activations(data):
+    fn, names = data.draw(st.sampled_from(ACTIVATIONS))
+    shape = data.draw(st.lists(st.integers(1, 3), min_size=0, max_size=3))
+    x = _tensor(shape, data.draw(st.sampled_from([torch.float32, torch.float64, torch.int64])))
+    kwargs = {n: data.draw(st.sampled_from(VALUES[n])) for n in names if data.draw(st.booleans())}
+    takes_inplace = "inplace" in getattr(getattr(fn, "__code__", None), "co_varnames", ())
+    if takes_inplace and data.draw(st.booleans()):
+        kwargs["inplace"] = data.draw(st.booleans())
+    positional = data.draw(st.booleans()) and list(kwargs) == names[: len(kwargs)]
+    args = (x, *kwargs.values()) if positional else (x,)
+    check(shapes.FUNCTION_RULES[fn], fn, args, {} if positional else kwargs)
+
+
+def test_activations_take_the_plain_cases():
+    x = torch.randn(2, 3)
+    for fn, names in ACTIVATIONS:
+        kwargs = {"dim": -1} if "dim" in names else {}
+        assert check(shapes.FUNCTION_RULES[fn], fn, (x,), kwargs), fn
+    assert check(shapes.FUNCTION_RULES[F.relu], F.relu, (x,), {"inplace": True})
+    assert check(shapes.FUNCTION_RULES[F.leaky_relu], F.leaky_relu, (x, 0.2, True))
+
+
+def test_rules_apply_inside_leaf_modules(monkeypatch):
+    """timm's ScaledStdConv2dSame is a leaf: its F.batch_norm (weight standardisation),
+    padding and F.conv2d run under the rules, with the shapes of a real forward."""
+    from timm.layers import ScaledStdConv2dSame
+
+    from surgeon import tracing
+
+    model = torch.nn.Sequential(
+        ScaledStdConv2dSame(3, 8, 3, stride=2, padding="same"), torch.nn.GELU()
+    ).eval()
+    real = tracing.trace(model)
+    shapes._on_real(real, (torch.randn(2, 3, 9, 7),))
+    meta = tracing.trace(model.to("meta"))
+    seen = []
+    rule = shapes._TORCH_FUNCTION_RULES[F.batch_norm]
+    monkeypatch.setitem(
+        shapes._TORCH_FUNCTION_RULES, F.batch_norm, lambda *a, **k: seen.append(1) or rule(*a, **k)
+    )
+    shapes._on_meta(meta, (torch.randn(2, 3, 9, 7),))
+    assert seen == [1]
+    got = [shapes.node_shape(n) for n in meta.graph.nodes]
+    assert got == [shapes.node_shape(n) for n in real.graph.nodes]
+    assert got[1] == (2, 8, 5, 4)
