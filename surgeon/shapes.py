@@ -295,17 +295,18 @@ def _number(v) -> bool:
     return type(v) in (int, float, bool)
 
 
-def _activation(*extra: str, check=None):
-    """A rule for an elementwise activation ``f(x, <extra numbers>..., inplace=False)``."""
+def _activation(*extra: str, inplace: bool = True, check=None):
+    """A rule for an elementwise activation ``f(x, <extra numbers>...[, inplace])``."""
+    allowed = {*extra, "inplace"} if inplace else set(extra)
 
     def rule(x, *args, **kwargs):
         named = dict(zip(extra, args, strict=False))
-        if len(args) > len(extra) + 1 or set(named) & set(kwargs):
+        if len(args) > len(allowed) or set(named) & set(kwargs):
             return None
         if len(args) == len(extra) + 1:
             kwargs = {**kwargs, "inplace": args[-1]}
         named.update(kwargs)
-        if set(named) - {*extra, "inplace"} or not x.dtype.is_floating_point:
+        if set(named) - allowed or not x.dtype.is_floating_point:
             return None
         if not all(_number(v) for k, v in named.items() if k in extra):
             return None
@@ -316,7 +317,7 @@ def _activation(*extra: str, check=None):
     return rule
 
 
-def _gelu(x, approximate="none"):
+def _gelu(x, *, approximate="none"):
     ok = x.dtype.is_floating_point and approximate in ("none", "tanh")
     return _empty(x) if ok else None
 
@@ -334,13 +335,13 @@ def _dropout(x, p=0.5, training=True, inplace=False):
 
 
 def _activation_rules(F) -> dict:
-    plain = _activation()
+    plain, only_x = _activation(), _activation(inplace=False)
     rules = {
         F.relu: plain, F.relu6: plain, F.silu: plain, F.mish: plain, F.hardswish: plain,
-        F.hardsigmoid: plain, F.selu: plain, F.sigmoid: plain, F.tanh: plain,
-        torch.relu: plain, torch.sigmoid: plain, torch.tanh: plain, F.gelu: _gelu,
+        F.hardsigmoid: plain, F.selu: plain, F.sigmoid: only_x, F.tanh: only_x,
+        torch.relu: only_x, torch.sigmoid: only_x, torch.tanh: only_x, F.gelu: _gelu,
         F.leaky_relu: _activation("negative_slope"), F.elu: _activation("alpha"),
-        F.celu: _activation("alpha"), F.softplus: _activation("beta", "threshold"),
+        F.celu: _activation("alpha"), F.softplus: _activation("beta", "threshold", inplace=False),
         F.hardtanh: _activation(
             "min_val", "max_val", check=lambda min_val=-1.0, max_val=1.0, **_: min_val <= max_val
         ),
@@ -369,8 +370,8 @@ def _function_rules() -> dict:
 
 FUNCTION_RULES = _function_rules()
 METHOD_RULES = {
-    "mean": _reduce, "sum": _reduce, "softmax": _softmax, "relu": _activation(),
-    "sigmoid": _activation(), "tanh": _activation(),
+    "mean": _reduce, "sum": _reduce, "softmax": _softmax, "relu": _activation(inplace=False),
+    "sigmoid": _activation(inplace=False), "tanh": _activation(inplace=False),
 }  # fmt: skip
 # the same rules as torch functions see them (a Tensor method is its function there)
 _TORCH_FUNCTION_RULES = {

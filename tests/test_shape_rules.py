@@ -268,10 +268,9 @@ def test_activations(data):
     shape = data.draw(st.lists(st.integers(1, 3), min_size=0, max_size=3))
     x = _tensor(shape, data.draw(st.sampled_from([torch.float32, torch.float64, torch.int64])))
     kwargs = {n: data.draw(st.sampled_from(VALUES[n])) for n in names if data.draw(st.booleans())}
-    takes_inplace = "inplace" in getattr(getattr(fn, "__code__", None), "co_varnames", ())
-    if takes_inplace and data.draw(st.booleans()):
+    if data.draw(st.booleans()):  # whether or not the function takes it
         kwargs["inplace"] = data.draw(st.booleans())
-    positional = data.draw(st.booleans()) and list(kwargs) == names[: len(kwargs)]
+    positional = data.draw(st.booleans()) and list(kwargs) == [*names, "inplace"][: len(kwargs)]
     args = (x, *kwargs.values()) if positional else (x,)
     check(shapes.FUNCTION_RULES[fn], fn, args, {} if positional else kwargs)
 
