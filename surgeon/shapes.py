@@ -375,7 +375,11 @@ METHOD_RULES = {
 }  # fmt: skip
 # the same rules as torch functions see them (a Tensor method is its function there)
 _TORCH_FUNCTION_RULES = {
-    **FUNCTION_RULES, **{getattr(torch.Tensor, name): r for name, r in METHOD_RULES.items()}
+    **FUNCTION_RULES,
+    **{getattr(torch.Tensor, name): r for name, r in METHOD_RULES.items()},
+    **{getattr(torch.Tensor, f"__{op}__"): _binary for op in (
+        "add", "radd", "sub", "rsub", "mul", "rmul", "truediv", "rtruediv")},
+    **{getattr(torch.Tensor, op): _binary for op in ("add", "sub", "mul", "div")},
 }  # fmt: skip
 
 

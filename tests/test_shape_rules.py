@@ -8,6 +8,7 @@ first check)."""
 from __future__ import annotations
 
 import operator
+from unittest import mock
 
 import pytest
 import torch
@@ -307,3 +308,52 @@ def test_rules_apply_inside_leaf_modules(monkeypatch):
     got = [shapes.node_shape(n) for n in meta.graph.nodes]
     assert got == [shapes.node_shape(n) for n in real.graph.nodes]
     assert got[1] == (2, 8, 5, 4)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_rules_mode_takes_operators_and_methods(data):
+    """Inside leaves the rules see ``a * b`` as Tensor.__mul__ and ``a.mul(b)`` as
+    Tensor.mul: the same shapes and dtypes as the kernels, or the kernel's error."""
+    forms = {
+        "a+b": lambda a, b: a + b, "b-a": lambda a, b: b - a, "a*b": lambda a, b: a * b,
+        "b/a": lambda a, b: b / a, "a.sub(b)": lambda a, b: a.sub(b),
+        "a.div(b)": lambda a, b: a.div(b), "floor": lambda a, b: a.div(b, rounding_mode="floor"),
+        "2-a": lambda a, b: 2 - a, "a.mean": lambda a, b: a.mean(-1),
+    }  # fmt: skip
+    form = forms[data.draw(st.sampled_from(sorted(forms)))]
+    shape = data.draw(sizes)
+    a = _tensor(shape, data.draw(st.sampled_from(DTYPES)))
+    b = _tensor(_broadcastable(data.draw, shape), data.draw(st.sampled_from(DTYPES)))
+    answers = []
+    apply = shapes.apply_rule
+
+    def spy(*args):
+        out = apply(*args)
+        answers.append(out is not None)
+        return out
+
+    with mock.patch.object(shapes, "apply_rule", spy), shapes.RulesMode():
+        try:
+            out = form(a.to("meta"), b.to("meta"))
+        except Exception:
+            out = None  # the meta kernel raised
+    try:
+        real = form(a, b)
+    except Exception:
+        assert not any(answers), "the kernel raises but a rule gave a result"
+        return
+    assert (tuple(out.shape), out.dtype) == (tuple(real.shape), real.dtype)
+
+
+def test_rules_mode_answers_operators_without_kernels(monkeypatch):
+    seen = []
+    rules = {
+        f: (lambda *a, r=r, **k: seen.append(1) or r(*a, **k))
+        for f, r in shapes._TORCH_FUNCTION_RULES.items()
+    }
+    monkeypatch.setattr(shapes, "_TORCH_FUNCTION_RULES", rules)
+    a, b = torch.empty(2, 3, device="meta"), torch.empty(3, device="meta")
+    with shapes.RulesMode():
+        a * b, 1 - a, a.sub(b), a / 2, a.mean(0), F.gelu(a)
+    assert len(seen) == 6
