@@ -1,11 +1,14 @@
 """Tracing any nn.Module with torch.fx, the way timm's feature extraction does.
 
 FX runs ``forward`` once, so Python code that branches on ``self.training`` is baked into
-the graph in the mode the model had when it was traced. :func:`trace` therefore traces a
-second time in the other mode and compares the graphs: ``F.dropout(x, p, training=...)``
-calls whose flag is the only difference become ``nn.Dropout`` modules (which read
-``self.training`` at run time); any other difference marks the graph mode-dependent
-(``gm.surgeon_mode_dependent``) so that the passes can warn.
+the graph in the mode the model had when it was traced. :func:`trace` therefore records
+every read of a module's ``training`` flag during the trace (:func:`watch_training`) and
+traces each module call that read it a second time, in the other mode, comparing the two
+(the whole model when a read is not inside any module call, e.g. the root's own forward):
+``F.dropout(x, p, training=...)`` calls whose flag is the only difference become
+``nn.Dropout`` modules (which read ``self.training`` at run time); any other difference
+marks the graph mode-dependent (``gm.surgeon_mode_dependent``) so that the passes can warn.
+A graph that read no flag is traced once.
 """
 
 from __future__ import annotations
@@ -144,12 +147,16 @@ class SurgeonTracer(fx.Tracer):
     """An FX tracer whose leaves are torch.nn modules, timm's registered leaves,
     registered activation and norm-act classes, and any extra classes the user names."""
 
-    def __init__(self, leaf_modules: Iterable[type] = ()) -> None:
+    def __init__(self, leaf_modules: Iterable[type] = (), reads: _Reads | None = None) -> None:
         timm_leaves, timm_fns = _timm_fx()
         _torchvision_ops()
         super().__init__(autowrap_functions=tuple(timm_fns))
         self.module_stack = _ModuleStack()
         self.leaf_types = tuple(set(timm_leaves) | registry.LEAF_MODULES | set(leaf_modules))
+        # with ``reads`` (a watch_training record), a module whose forward read ``training``
+        # is traced again in the other mode right away, into a scratch graph (see replay)
+        self.reads = reads
+        self.replays = _Replays()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         from .layers import ShiftScale
@@ -163,6 +170,8 @@ class SurgeonTracer(fx.Tracer):
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self._tensor_names: tuple[dict[int, str], dict[int, str]] | None = None
+        self._param_cache: dict[str, Any] | None = None
+        self.traced_training = bool(getattr(root, "__dict__", {}).get("training", True))
         return super().trace(root, concrete_args)
 
     def _tensor_name(self, value: torch.Tensor) -> str | None:
@@ -221,7 +230,75 @@ class SurgeonTracer(fx.Tracer):
             setattr(self.root, name, a)
         return name
 
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        reads = self.reads
+        if reads is None or reads.paused or reads.whole:
+            return super().call_module(m, forward, args, kwargs)
+        start, last = len(reads.modules), self.graph._root.prev
+        reads.depth += 1
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        finally:
+            reads.depth -= 1
+        new = reads.modules[start:]
+        if new and not reads.whole:
+            inside = {id(x) for x in m.modules()}
+            if all(id(x) in inside for x in new):  # else an enclosing module's call replays
+                self._replay(m, forward, args, kwargs, last)
+                del reads.modules[start:]  # answered
+        return out
+
+    def _replay(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict, last: fx.Node) -> None:
+        """Trace ``m``'s call again with ``m``'s modules in the other mode, into a scratch
+        graph, and compare it with the nodes the call just added; undo every trace of it
+        (cached parameter proxies, constants, call counts, users of outer nodes)."""
+        reads, mine = self.reads, []
+        node = last.next
+        while node is not self.graph._root:
+            mine.append(node)
+            node = node.next
+        flags = [(x, x.__dict__["training"]) for x in m.modules()]
+        graph, scratch = self.graph, fx.Graph()
+        state = (
+            copy.copy(self.num_calls),
+            copy.copy(self._qualname_counter),
+            dict(self.tensor_attrs),
+        )
+        cache = self._param_cache
+        cached = set(cache) if cache is not None else set()
+        self.graph, reads.paused = scratch, True
+        for x, _ in flags:
+            x.__dict__["training"] = not self.traced_training
+        try:
+            super().call_module(m, forward, args, kwargs)
+            failed = False
+        except Exception:  # the other mode does not trace: the graph depends on the mode
+            failed = True
+        finally:
+            for x, flag in flags:
+                x.__dict__["training"] = flag
+            self.graph, reads.paused = graph, False
+            self.num_calls, self._qualname_counter, attrs = state
+            for t, name in list(self.tensor_attrs.items()):
+                if t not in attrs:
+                    delattr(self.root, name)
+            self.tensor_attrs = attrs
+            if cache is not None:
+                for k in set(cache) - cached:
+                    del cache[k]
+            for n in scratch.nodes:
+                for inp in n.all_input_nodes:
+                    if inp.graph is not scratch:
+                        inp.users.pop(n, None)
+        if failed:
+            self.replays.dependent = True
+            return
+        dependent, dropouts = _compare(mine, list(scratch.nodes), self.traced_training)
+        self.replays.dependent |= dependent
+        self.replays.dropouts.update(dropouts)
+
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        self._param_cache = parameter_proxy_cache
         name = None
         tracked = isinstance(attr_val, torch.Tensor) and self.proxy_buffer_attributes
         if isinstance(attr_val, nn.Parameter) or tracked:
@@ -342,13 +419,25 @@ def trace(
     concrete = constant_defaults(root, n_inputs)
     try:
         with watch_training(root) as reads:
-            graph = _trace_graph(root, leaf_modules, concrete)
+            tracer = SurgeonTracer(leaf_modules, reads)
+            graph = tracer.trace(root, concrete_args=concrete or None)
     except Exception as exc:  # the tracer raises many types; all mean "not traceable"
         raise _trace_error(model, exc) from exc
-    # a graph that read no module's ``training`` is the graph of either mode
-    other = _trace_in_other_mode(root, leaf_modules, concrete) if reads.seen else graph
+    # A graph that read no module's ``training`` is the graph of either mode. Modules that
+    # read it were traced again in the other mode as they were met (tracer.replays); reads
+    # no module call could answer (the root's own forward, a module that reads another's
+    # flag, an unwatchable class) need the whole model traced again in the other mode.
+    if reads.whole or reads.modules or reads.unwatched or not _well_formed(graph):
+        if not _well_formed(graph):  # pragma: no cover - a replay left a dangling node
+            graph = _trace_graph(root, leaf_modules, concrete)
+        other = _trace_in_other_mode(root, leaf_modules, concrete)
+        dependent, dropouts = _compare_graphs(graph, other, trained=root.training)
+    else:
+        dependent, dropouts = tracer.replays.dependent, tracer.replays.dropouts
     gm = graph_module(root, graph, type(model).__name__, compile)
-    dependent = _make_dropout_follow_mode(gm, other, trained=root.training) if reads.seen else False
+    _dropouts_to_modules(gm, dropouts)
+    if dropouts and compile:
+        gm.recompile()
     gm.train(model.training)
     set_preserved(gm, "surgeon_mode_dependent", dependent)
     return gm
@@ -382,11 +471,24 @@ def _trace_in_other_mode(
 
 
 class _Reads:
-    """Whether a watched module's ``training`` was read (``seen``), and by which."""
+    """Reads of ``training`` in a :func:`watch_training` block: whether any happened
+    (``seen``), the class names (``by``), the modules whose reads no replay answered yet
+    (``modules``), and whether some module could not be watched (``unwatched``)."""
 
-    def __init__(self, seen: bool = False) -> None:
-        self.seen = seen
+    def __init__(self) -> None:
+        self.seen = self.unwatched = self.paused = False
+        self.whole = False  # a read outside every module call: only a whole trace answers it
+        self.depth = 0  # module calls being traced
         self.by: list[str] = []
+        self.modules: list[nn.Module] = []
+
+
+class _Replays:
+    """What the replays of the modules that read ``training`` found."""
+
+    def __init__(self) -> None:
+        self.dependent = False
+        self.dropouts: dict[fx.Node, dict[str, Any]] = {}
 
 
 _WATCH: list[_Reads] = []  # the innermost watch_training() records the reads
@@ -398,10 +500,13 @@ class _TrainingAttribute:
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
             return self
-        if _WATCH:
+        if _WATCH and not _WATCH[-1].paused:
             reads = _WATCH[-1]
             reads.seen = True
             reads.by.append(type(obj).__name__)
+            reads.modules.append(obj)
+            if not reads.depth:
+                reads.whole = True
         return obj.__dict__["training"]
 
     def __set__(self, obj: Any, value: bool) -> None:
@@ -448,12 +553,12 @@ def watch_training(root: nn.Module):
             cls = type(m)
             watched = _watched_class(cls)
             if watched is None:
-                reads.seen = True
+                reads.seen = reads.unwatched = True
                 continue
             try:
                 m.__class__ = watched
             except TypeError:  # a layout that cannot take a subclass
-                reads.seen = True
+                reads.seen = reads.unwatched = True
                 continue
             swapped.append((m, cls))
         _WATCH.append(reads)
@@ -479,11 +584,6 @@ def _target_key(node: fx.Node) -> Any:
     return node.target
 
 
-def _args_key(node: fx.Node, pos: dict[fx.Node, int]) -> str:
-    key = map_arg((node.args, node.kwargs), lambda n: f"%{pos[n]}")
-    return repr(key)
-
-
 def _dropout_args(node: fx.Node) -> dict[str, Any] | None:
     try:
         bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
@@ -493,36 +593,68 @@ def _dropout_args(node: fx.Node) -> dict[str, Any] | None:
     return dict(bound.arguments)
 
 
-def _make_dropout_follow_mode(gm: fx.GraphModule, other: fx.Graph | None, trained: bool) -> bool:
-    """Turn ``F.dropout(..., training=<baked>)`` into ``nn.Dropout`` modules; return True if
-    the graphs of the two modes still differ (the graph is mode-dependent)."""
-    if other is None:
-        return True
-    mine, theirs = list(gm.graph.nodes), list(other.nodes)
+def _compare(
+    mine: list[fx.Node], theirs: list[fx.Node], trained: bool
+) -> tuple[bool, dict[fx.Node, dict[str, Any]]]:
+    """Compare the nodes of one trace in ``trained`` mode with those of the other mode:
+    whether they still differ once ``F.dropout(..., training=self.training)`` calls are
+    set aside, and those calls (node -> bound arguments). Attribute reads are compared by
+    name (a replay reuses the parameter reads already made); references to nodes outside
+    the lists, by identity."""
+    mine = [n for n in mine if n.op != "get_attr"]
+    theirs = [n for n in theirs if n.op != "get_attr"]
     if len(mine) != len(theirs):
-        return True
+        return True, {}
     pos_a = {n: i for i, n in enumerate(mine)}
     pos_b = {n: i for i, n in enumerate(theirs)}
-    to_modules: list[tuple[fx.Node, dict[str, Any]]] = []
+
+    def key(value: Any, pos: dict[fx.Node, int]) -> str:
+        def ref(n: fx.Node) -> str:
+            if n.op == "get_attr":
+                return f"@{_target_key(n)}"
+            return f"%{pos[n]}" if n in pos else f"^{id(n)}"
+
+        return repr(map_arg(value, ref))
+
+    dropouts: dict[fx.Node, dict[str, Any]] = {}
     for a, b in zip(mine, theirs, strict=True):
         if a.op != b.op or _target_key(a) != _target_key(b):
-            return True
-        if _args_key(a, pos_a) == _args_key(b, pos_b):
+            return True, {}
+        if key((a.args, a.kwargs), pos_a) == key((b.args, b.kwargs), pos_b):
             continue
         if a.op != "call_function" or a.target not in _DROPOUT_MODULES:
-            return True
+            return True, {}
         args_a, args_b = _dropout_args(a), _dropout_args(b)
         if args_a is None or args_b is None:
-            return True
+            return True, {}
         rest_a = {k: v for k, v in args_a.items() if k != "training"}
         rest_b = {k: v for k, v in args_b.items() if k != "training"}
-        same_rest = repr(map_arg(rest_a, lambda n: f"%{pos_a[n]}")) == repr(
-            map_arg(rest_b, lambda n: f"%{pos_b[n]}")
-        )
-        if not same_rest or args_a["training"] is not trained or args_b["training"] is trained:
-            return True  # not training=self.training
-        to_modules.append((a, args_a))
-    for node, args in to_modules:
+        if key(rest_a, pos_a) != key(rest_b, pos_b):
+            return True, {}
+        if args_a["training"] is not trained or args_b["training"] is trained:
+            return True, {}  # not training=self.training
+        dropouts[a] = args_a
+    return False, dropouts
+
+
+def _compare_graphs(
+    graph: fx.Graph, other: fx.Graph | None, trained: bool
+) -> tuple[bool, dict[fx.Node, dict[str, Any]]]:
+    """:func:`_compare` for two whole graphs; no other graph (it did not trace): dependent."""
+    if other is None:
+        return True, {}
+    return _compare(list(graph.nodes), list(other.nodes), trained)
+
+
+def _well_formed(graph: fx.Graph) -> bool:
+    """Every node's inputs are nodes of the graph (a replay's scratch nodes never leak)."""
+    return all(inp.graph is graph for n in graph.nodes for inp in n.all_input_nodes)
+
+
+def _dropouts_to_modules(gm: fx.GraphModule, dropouts: dict[fx.Node, dict[str, Any]]) -> None:
+    """Turn ``F.dropout(..., training=<baked>)`` nodes into ``nn.Dropout`` modules, which
+    read ``self.training`` when they run."""
+    for node, args in dropouts.items():
         name, i = f"{node.name}_mod", 1
         while hasattr(gm, name):
             name, i = f"{node.name}_mod_{i}", i + 1
@@ -532,7 +664,5 @@ def _make_dropout_follow_mode(gm: fx.GraphModule, other: fx.Graph | None, traine
             new = gm.graph.call_module(name, (args["input"],))
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-    if to_modules:
+    if dropouts:
         gm.graph.lint()
-        gm.recompile()
-    return False

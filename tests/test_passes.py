@@ -286,19 +286,102 @@ def test_other_self_training_branches_are_reported(forms, max_abs_diff) -> None:
     assert max_abs_diff(model, eval_gm, torch.randn(3, 6)) == 0.0
 
 
-def test_one_trace_unless_a_module_reads_self_training(forms, monkeypatch) -> None:
-    from surgeon import tracing
+class _Block(nn.Module):
+    """Reads ``self.training`` inside a submodule, the way timm's attention does."""
 
-    traces = []
-    real = tracing._trace_graph
-    monkeypatch.setattr(tracing, "_trace_graph", lambda *a, **k: traces.append(1) or real(*a, **k))
+    def __init__(self, p: float = 0.0, branch: bool = False, functional: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.p, self.branch, self.functional = p, branch, functional
+
+    def forward(self, x):
+        x = F.relu(self.fc(x)) * torch.arange(6.0)  # a parameter read and a new constant
+        if self.functional:
+            x = F.dropout(x, self.p, training=self.training)
+        else:
+            x = x * (1 - self.p if self.training else 1.0)
+        if self.branch and self.training:
+            x = x + 1
+        return x
+
+
+class _Net(nn.Module):
+    input_size = (6,)
+
+    def __init__(self, **block) -> None:
+        super().__init__()
+        self.a, self.b, self.head = _Block(**block), _Block(**block), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.b(self.a(self.a(x))))  # ``a`` is called twice
+
+
+@pytest.fixture
+def traces(monkeypatch):
+    """The number of whole-model traces each insert makes."""
+    from surgeon.tracing import SurgeonTracer
+
+    calls = []
+    real = SurgeonTracer.trace
+    monkeypatch.setattr(SurgeonTracer, "trace", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_one_trace_unless_a_module_reads_self_training(forms, traces) -> None:
     plain = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 2))
     gm = surgeon.insert(plain, "layer", "layer", input_size=(6,))
     assert len(traces) == 1 and "warnings" not in gm.surgeon_record  # Dropout is a leaf
     traces.clear()
     surgeon.insert(forms.FunctionalDropout(), "layer", "layer")
-    assert len(traces) == 2  # forward reads self.training: traced in the other mode too
+    assert len(traces) == 2  # the root's forward reads self.training: the whole model again
     assert all(type(m).__module__ != "surgeon.tracing" for m in plain.modules())
+
+
+def test_modules_that_read_self_training_are_traced_again_alone(traces) -> None:
+    from surgeon.tracing import SurgeonTracer
+
+    model = _Net()
+    gm = surgeon.insert(model, "layer", "layer")
+    assert len(traces) == 1 and "warnings" not in gm.surgeon_record  # p = 0: either mode
+    # the replays leave nothing behind: the graph is the plain trace's, name for name
+    plain = SurgeonTracer().trace(_Net())
+    traced = surgeon.tracing.trace(model)
+    assert [(n.name, n.op, str(n.target)) for n in traced.graph.nodes] == [
+        (n.name, n.op, str(n.target)) for n in plain.nodes
+    ]
+    traces.clear()
+    dependent = surgeon.insert(_Net(p=0.5), "layer", "layer")
+    (warning,) = dependent.surgeon_record["warnings"]  # x * (1 - p) in train mode only
+    assert "self.training" in warning and len(traces) == 1
+    branch = surgeon.insert(_Net(branch=True).eval(), "layer", "layer")
+    assert branch.surgeon_record["warnings"] and len(traces) == 2
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_functional_dropout_in_a_submodule_follows_the_mode(traces, training: bool) -> None:
+    model = _Net(p=0.5, functional=True).train(training)
+    gm = surgeon.insert(model, "layer", "layer")
+    assert len(traces) == 1 and "warnings" not in gm.surgeon_record
+    drops = [m for m in gm.modules() if isinstance(m, nn.Dropout)]
+    assert len(drops) == 3  # a twice, b once
+    x = torch.randn(64, 6)
+    with torch.no_grad():
+        assert torch.equal(gm.eval()(x), model.eval()(x))
+        gm.train()
+        assert not torch.equal(gm(x), gm(x))  # dropout is active in train mode
+
+
+def test_timm_attention_reads_dropout_rate_per_mode(traces) -> None:
+    timm = pytest.importorskip("timm")
+    kw = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    plain = timm.create_model("vit_tiny_patch16_224", num_classes=3, **kw)
+    gm = surgeon.insert(plain, "layer", "layer", input_size=(3, 32, 32))
+    assert len(traces) == 1  # only the attention modules read self.training: replayed alone
+    assert "warnings" not in gm.surgeon_record
+    traces.clear()
+    dropping = timm.create_model("vit_tiny_patch16_224", num_classes=3, attn_drop_rate=0.1, **kw)
+    gm = surgeon.insert(dropping.eval(), "layer", "layer", input_size=(3, 32, 32))
+    assert gm.surgeon_record["warnings"]  # sdpa's dropout_p is 0.1 in train mode only
 
 
 def test_watch_training_records_reads_and_restores_classes() -> None:
