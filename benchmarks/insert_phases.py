@@ -12,7 +12,6 @@ writes ``benchmarks/results/insert_phases.json``. One thread.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -21,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch import fx
 
 import surgeon
 from surgeon import modsites, sites, tracing
@@ -31,12 +31,14 @@ DEFAULT = [
     "timm:maxvit_base_tf_224", "timm:coat_tiny", "timm:gcvit_tiny", "timm:ghostnetv3_050",
     "timm:eca_nfnet_l3", "timm:sequencer2d_s",
 ]  # fmt: skip
-# phase name -> (module, function); the other-mode trace is inside the first
+# phase name -> (module or class, function); a replay of a module that reads
+# self.training is part of "trace", as is a second whole trace when one is needed
 PHASES = {
-    "copy": (copy, "deepcopy"),
-    "trace (both modes)": (tracing, "_trace_graph"),
+    "copy": (tracing, "deepcopy_module"),
+    "trace": (tracing.SurgeonTracer, "trace"),
     "shape propagation": (modsites, "propagate_with_leaves"),
     "site discovery": (sites, "discover"),
+    "code generation": (fx.GraphModule, "recompile"),
 }
 
 
@@ -48,7 +50,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     spent: dict[str, float] = defaultdict(float)
-    depth: dict[str, int] = defaultdict(int)  # deepcopy recurses: count the outer call only
+    depth: dict[str, int] = defaultdict(int)  # count the outermost call only
     for name, (mod, fn) in PHASES.items():
         orig = getattr(mod, fn)
 
