@@ -234,19 +234,26 @@ class SurgeonTracer(fx.Tracer):
         reads = self.reads
         if reads is None or reads.paused or reads.whole:
             return super().call_module(m, forward, args, kwargs)
-        start, last = len(reads.modules), self.graph._root.prev
+        start, last = len(reads.modules), getattr(self.graph, "_root", None)
+        last = last.prev if last is not None else None
         reads.depth += 1
         try:
             out = super().call_module(m, forward, args, kwargs)
         finally:
             reads.depth -= 1
         new = reads.modules[start:]
-        if new and not reads.whole:
+        if new and not reads.whole and self._can_replay():
             inside = {id(x) for x in m.modules()}
             if all(id(x) in inside for x in new):  # else an enclosing module's call replays
                 self._replay(m, forward, args, kwargs, last)
                 del reads.modules[start:]  # answered
         return out
+
+    def _can_replay(self) -> bool:
+        """Whether this torch's tracer keeps the state a replay saves and restores (else
+        the whole model is traced again)."""
+        state = ("num_calls", "_qualname_counter", "tensor_attrs", "get_fresh_qualname")
+        return all(hasattr(self, a) for a in state) and hasattr(self.graph, "_root")
 
     def _replay(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict, last: fx.Node) -> None:
         """Trace ``m``'s call again with ``m``'s modules in the other mode, into a scratch

@@ -371,6 +371,16 @@ def test_functional_dropout_in_a_submodule_follows_the_mode(traces, training: bo
         assert not torch.equal(gm(x), gm(x))  # dropout is active in train mode
 
 
+def test_without_replays_the_whole_model_is_traced_again(traces, monkeypatch) -> None:
+    from surgeon.tracing import SurgeonTracer
+
+    monkeypatch.setattr(SurgeonTracer, "_can_replay", lambda self: False)  # another torch
+    gm = surgeon.insert(_Net(p=0.5, functional=True), "layer", "layer")
+    assert len(traces) == 2 and "warnings" not in gm.surgeon_record
+    assert len([m for m in gm.modules() if isinstance(m, nn.Dropout)]) == 3
+    assert surgeon.insert(_Net(p=0.5), "layer", "layer").surgeon_record["warnings"]
+
+
 def test_timm_attention_reads_dropout_rate_per_mode(traces) -> None:
     timm = pytest.importorskip("timm")
     kw = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
