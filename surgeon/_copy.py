@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import copyreg
+import functools
 import types
 import weakref
 from collections import OrderedDict
@@ -21,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+# the types copy.deepcopy returns as they are
 _ATOMIC = frozenset(
     {
         type(None),
@@ -40,12 +42,13 @@ _ATOMIC = frozenset(
         weakref.ref,
         property,
     }
-)  # fmt: skip  (the types copy.deepcopy returns as they are)
+)
 
 _OBJECT_REDUCE_EX = object.__reduce_ex__
 _OBJECT_REDUCE = object.__reduce__
 
 
+@functools.cache
 def _plain_module_class(cls: type) -> bool:
     """Whether ``copy.deepcopy`` copies instances of ``cls`` as ``cls.__new__(cls)`` then
     ``__setstate__`` of the deep-copied ``nn.Module.__getstate__()`` (no class on the way
@@ -62,9 +65,6 @@ def _plain_module_class(cls: type) -> bool:
         and not hasattr(cls, "__getnewargs_ex__")
         and not hasattr(cls, "__getnewargs__")
     )
-
-
-_PLAIN: dict[type, bool] = {}
 
 
 def _copy(x: Any, memo: dict[int, Any]) -> Any:
@@ -94,10 +94,7 @@ def _copy(x: Any, memo: dict[int, Any]) -> Any:
         y = tuple(items)
         memo[id(x)] = y
     else:
-        plain = _PLAIN.get(cls)
-        if plain is None:
-            plain = _PLAIN[cls] = _plain_module_class(cls)
-        if not plain:
+        if not _plain_module_class(cls):
             return copy.deepcopy(x, memo)
         y = cls.__new__(cls)
         memo[id(x)] = y

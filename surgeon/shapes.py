@@ -13,7 +13,7 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from types import BuiltinFunctionType
 
 import torch
@@ -389,13 +389,17 @@ class RulesMode(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        try:
-            rule = _TORCH_FUNCTION_RULES.get(func)
-        except TypeError:  # an unhashable callable
-            rule = None
-        if rule is not None and (out := apply_rule(rule, args, kwargs)) is not None:
-            return out
-        return func(*args, **kwargs)
+        out = ruled(_TORCH_FUNCTION_RULES, func, args, kwargs)
+        return out if out is not None else func(*args, **kwargs)
+
+
+def ruled(rules: dict, func, args, kwargs) -> torch.Tensor | None:
+    """The output the rule of ``func`` in ``rules`` gives, or None (no rule, or it declines)."""
+    try:
+        rule = rules.get(func)
+    except TypeError:  # an unhashable callable
+        return None
+    return None if rule is None else apply_rule(rule, args, kwargs)
 
 
 def apply_rule(rule, args, kwargs) -> torch.Tensor | None:
@@ -461,11 +465,7 @@ class _ShapeRecorder(fx.Interpreter):
     """
 
     def call_function(self, target, args, kwargs):
-        try:
-            rule = FUNCTION_RULES.get(target)
-        except TypeError:  # an unhashable callable
-            rule = None
-        if rule is not None and (out := apply_rule(rule, args, kwargs)) is not None:
+        if (out := ruled(FUNCTION_RULES, target, args, kwargs)) is not None:
             return out
         if not isinstance(target, BuiltinFunctionType) and _any_meta(args):
             with RulesMode():  # a Python function FX kept whole
@@ -473,8 +473,7 @@ class _ShapeRecorder(fx.Interpreter):
         return super().call_function(target, args, kwargs)
 
     def call_method(self, target, args, kwargs):
-        rule = METHOD_RULES.get(target)
-        if rule is not None and (out := apply_rule(rule, args, kwargs)) is not None:
+        if (out := ruled(METHOD_RULES, target, args, kwargs)) is not None:
             return out
         return super().call_method(target, args, kwargs)
 
@@ -534,14 +533,12 @@ def _on_meta(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
 
     tensors = dict(gm.named_parameters(remove_duplicate=False))
     tensors.update(gm.named_buffers(remove_duplicate=False))
-    inputs = tuple(t.to("meta") for t in inputs)
-    if all(t.is_meta for t in tensors.values()):  # a model built on meta: nothing to swap
-        with _eval_mode(gm):
-            _ShapeRecorder(gm).run(*inputs)
-        return
-    meta = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
-    with _eval_mode(gm), _reparametrize_module(gm, meta):
-        _ShapeRecorder(gm).run(*inputs)
+    swap = nullcontext()  # a model built on meta: nothing to swap
+    if not all(t.is_meta for t in tensors.values()):
+        meta = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
+        swap = _reparametrize_module(gm, meta)
+    with _eval_mode(gm), swap:
+        _ShapeRecorder(gm).run(*(t.to("meta") for t in inputs))
 
 
 def _on_fake(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:

@@ -171,6 +171,7 @@ class SurgeonTracer(fx.Tracer):
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self._tensor_names: tuple[dict[int, str], dict[int, str]] | None = None
         self._param_cache: dict[str, Any] | None = None
+        # from the instance dict: ``root.training`` would count as a read of the root's flag
         self.traced_training = bool(getattr(root, "__dict__", {}).get("training", True))
         return super().trace(root, concrete_args)
 
@@ -434,8 +435,9 @@ def trace(
     # read it were traced again in the other mode as they were met (tracer.replays); reads
     # no module call could answer (the root's own forward, a module that reads another's
     # flag, an unwatchable class) need the whole model traced again in the other mode.
-    if reads.whole or reads.modules or reads.unwatched or not _well_formed(graph):
-        if not _well_formed(graph):  # pragma: no cover - a replay left a dangling node
+    well_formed = _well_formed(graph)
+    if reads.whole or reads.modules or reads.unwatched or not well_formed:
+        if not well_formed:  # pragma: no cover - a replay left a dangling node
             graph = _trace_graph(root, leaf_modules, concrete)
         other = _trace_in_other_mode(root, leaf_modules, concrete)
         dependent, dropouts = _compare_graphs(graph, other, trained=root.training)
@@ -483,11 +485,15 @@ class _Reads:
     (``modules``), and whether some module could not be watched (``unwatched``)."""
 
     def __init__(self) -> None:
-        self.seen = self.unwatched = self.paused = False
+        self.unwatched = self.paused = False
         self.whole = False  # a read outside every module call: only a whole trace answers it
         self.depth = 0  # module calls being traced
         self.by: list[str] = []
         self.modules: list[nn.Module] = []
+
+    @property
+    def seen(self) -> bool:
+        return bool(self.by) or self.unwatched
 
 
 class _Replays:
@@ -509,7 +515,6 @@ class _TrainingAttribute:
             return self
         if _WATCH and not _WATCH[-1].paused:
             reads = _WATCH[-1]
-            reads.seen = True
             reads.by.append(type(obj).__name__)
             reads.modules.append(obj)
             if not reads.depth:
@@ -560,12 +565,12 @@ def watch_training(root: nn.Module):
             cls = type(m)
             watched = _watched_class(cls)
             if watched is None:
-                reads.seen = reads.unwatched = True
+                reads.unwatched = True
                 continue
             try:
                 m.__class__ = watched
             except TypeError:  # a layout that cannot take a subclass
-                reads.seen = reads.unwatched = True
+                reads.unwatched = True
                 continue
             swapped.append((m, cls))
         _WATCH.append(reads)
