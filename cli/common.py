@@ -1,10 +1,9 @@
-"""Shared CLI plumbing: consoles, error exits, option parsing."""
+"""Shared CLI plumbing: the consoles and the one-line errors."""
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import NoReturn
 
 from rich.console import Console
 
@@ -12,11 +11,6 @@ from surgeon.errors import SurgeonError
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
-
-
-def fail(message: str, hint: str | None = None) -> NoReturn:
-    """Print one line (message and hint) on stderr and exit with code 2."""
-    raise SurgeonError(message, hint)
 
 
 def report_error(exc: SurgeonError) -> int:

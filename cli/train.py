@@ -19,7 +19,7 @@ from surgeon.train.distributed import env_info as dist_env_info
 from surgeon.train.distributed import launch
 from surgeon.train.engine import resolve_device
 from surgeon.train.progress import make_reporter
-from surgeon.train.scheduler import run_parallel, slots
+from surgeon.train.queue import run_parallel, slots
 from surgeon.train.variants import model_args_for
 
 from .common import console

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from surgeon.train import TrainConfig, train
-from surgeon.train.scheduler import run_parallel, slots
+from surgeon.train.queue import run_parallel, slots
 
 TINY = {
     "model": "mlp",

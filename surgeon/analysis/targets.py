@@ -302,8 +302,3 @@ def load_targets(paths: list[str | Path]) -> list[Target]:
         if n:
             t.label = f"{t.label}#{n + 1}"
     return targets
-
-
-def load_snapshot_params(target: Target, file: Path) -> dict[str, torch.Tensor]:
-    """The shift/scale tensors of one snapshot of ``target``'s run."""
-    return read_params(file, target.sites)

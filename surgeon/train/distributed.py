@@ -80,11 +80,6 @@ def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def launch(nproc: int, argv: list[str]) -> int:
     """Run ``python -m surgeon <argv>`` under ``torch.distributed.run`` with ``nproc`` processes
     on this node; returns torchrun's exit code."""
