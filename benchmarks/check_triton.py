@@ -33,8 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from surgeon import fused  # noqa: E402
 from surgeon.layers import MODES, param_shape  # noqa: E402
+from surgeon.ops import fused as op  # noqa: E402
 
 TOL = {  # (output and grad_x, parameter gradients), relative; see the module docstring
     torch.float32: (1e-5, 1e-5),
@@ -65,11 +65,11 @@ def layouts(big: bool) -> list[tuple[str, tuple[int, ...], int, torch.memory_for
 
 
 def run(backend: str, x, b, a, modes, cd: int, relu: bool, g):
-    fused.BACKEND = backend
+    op.BACKEND = backend
     x = x.detach().clone().requires_grad_()
     b = b.detach().clone().requires_grad_() if b is not None else None
     a = a.detach().clone().requires_grad_() if a is not None else None
-    y = fused.shift_scale(x, b, a, modes[0], modes[1], cd, relu)
+    y = op.shift_scale(x, b, a, modes[0], modes[1], cd, relu)
     y.backward(g)
     return (
         y.detach(),
@@ -80,7 +80,7 @@ def run(backend: str, x, b, a, modes, cd: int, relu: bool, g):
 
 
 def reduce_abs(t: torch.Tensor, mode: str, cd: int) -> torch.Tensor:
-    return fused._reduce(t.abs(), mode, cd, t)
+    return op._reduce(t.abs(), mode, cd, t)
 
 
 QUICK_PAIRS = [
@@ -115,8 +115,8 @@ def check(device: str, big: bool, quick: bool = False) -> bool:
         ref = run("torch", x.double(), b64, a64, (sh, sc), cd, relu, g.double())
         # the scale of each parameter gradient: sum |terms|
         xr = x.double().clamp_min(0) if relu else x.double()
-        xb = xr + fused._view(b64, sh, xr, cd) if b64 is not None else xr
-        ga64 = g.double() * fused._view(a64, sc, xr, cd) if a64 is not None else g.double()
+        xb = xr + op._view(b64, sh, xr, cd) if b64 is not None else xr
+        ga64 = g.double() * op._view(a64, sc, xr, cd) if a64 is not None else g.double()
         scales = [
             None,
             None,
@@ -170,7 +170,7 @@ def micro(device: str) -> None:
             ("triton", True, "triton"),
         ):
             m = ShiftScale(mode, mode, shape[1:], 1, fused=fused_on).to(device)
-            fused.BACKEND = backend
+            op.BACKEND = backend
             x = x0.detach().requires_grad_()
             for _ in range(3):
                 m(x).backward(g)
@@ -183,7 +183,7 @@ def micro(device: str) -> None:
             torch.cuda.synchronize()
             row.append(f"{label} {start.elapsed_time(end) / 20:.3f}")
         print(f"  {mode:8s} " + "  ".join(row))
-    fused.BACKEND = "auto"
+    op.BACKEND = "auto"
 
 
 def main() -> int:
@@ -196,10 +196,10 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device; use --device cpu for the interpreter")
         return 2
-    if fused._triton() is None:
+    if op._triton() is None:
         print("triton cannot be imported")
         return 2
-    print(f"torch {torch.__version__}, triton {fused._triton().triton.__version__}, ", end="")
+    print(f"torch {torch.__version__}, triton {op._triton().triton.__version__}, ", end="")
     print(torch.cuda.get_device_name() if args.device == "cuda" else "interpreter on CPU")
     ok = check(args.device, big=False, quick=args.quick)
     if args.device == "cuda" and not args.quick:

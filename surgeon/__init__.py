@@ -1,16 +1,39 @@
-"""fx-surgeon: insert learned shift/scale layers into any PyTorch model with torch.fx."""
+"""fx-surgeon: insert learned shift/scale layers into any PyTorch model with torch.fx.
+
+The public names below are imported on first use, so ``import surgeon`` (and the CLI's
+``--help``) costs neither torch nor timm until a name that needs them is touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .errors import SurgeonError  # noqa: E402
-from .fold import FoldReport, fold  # noqa: E402
-from .io import load, save  # noqa: E402
-from .layers import ChannelBatchNorm, Scale, Shift, ShiftScale  # noqa: E402
-from .models import build_model  # noqa: E402
-from .passes import find_sites, insert, insert_batchnorm, inserted_modules, strip  # noqa: E402
-from .registry import register_activation, register_leaf_module, register_norm_act  # noqa: E402
-from .replace_norm import replace_norm  # noqa: E402
-from .sites import Site  # noqa: E402
+# public name -> the module that defines it
+_EXPORTS = {
+    "SurgeonError": "errors",
+    "FoldReport": "fold",
+    "fold": "fold",
+    "load": "io",
+    "save": "io",
+    "ChannelBatchNorm": "layers",
+    "Scale": "layers",
+    "Shift": "layers",
+    "ShiftScale": "layers",
+    "build_model": "models",
+    "find_sites": "passes",
+    "insert": "passes",
+    "insert_batchnorm": "passes",
+    "inserted_modules": "passes",
+    "strip": "passes",
+    "register_activation": "registry",
+    "register_leaf_module": "registry",
+    "register_norm_act": "registry",
+    "replace_norm": "replace_norm",
+    "Site": "sites",
+}
 
 __all__ = [
     "ChannelBatchNorm", "FoldReport", "Scale", "Shift", "ShiftScale", "Site", "SurgeonError",
@@ -18,3 +41,28 @@ __all__ = [
     "inserted_modules", "load", "register_activation", "register_leaf_module",
     "register_norm_act", "replace_norm", "save", "strip",
 ]  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'surgeon' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; never executed
+    from .errors import SurgeonError
+    from .fold import FoldReport, fold
+    from .io import load, save
+    from .layers import ChannelBatchNorm, Scale, Shift, ShiftScale
+    from .models import build_model
+    from .passes import find_sites, insert, insert_batchnorm, inserted_modules, strip
+    from .registry import register_activation, register_leaf_module, register_norm_act
+    from .replace_norm import replace_norm
+    from .sites import Site

@@ -9,22 +9,15 @@ dtype in forward, so a bf16 activation stays bf16.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import nn
 
 from .errors import SurgeryError
+from .modes import MODES, check_mode
+from .ops import shift_scale
 
-Mode = Literal["none", "element", "channel", "layer"]
-MODES: tuple[str, ...] = ("none", "element", "channel", "layer")
-
-
-def check_mode(mode: str, what: str = "mode") -> str:
-    """Return ``mode`` if it is a valid mode, else raise a one-line error."""
-    if mode not in MODES:
-        raise SurgeryError(f"invalid {what} {mode!r}", hint=f"choose one of {', '.join(MODES)}")
-    return mode
+__all__ = ["MODES", "ChannelBatchNorm", "Scale", "Shift", "ShiftScale", "check_mode", "param_shape"]
 
 
 def param_shape(mode: str, feature_shape: Sequence[int], channel_dim: int) -> tuple[int, ...]:
@@ -33,10 +26,7 @@ def param_shape(mode: str, feature_shape: Sequence[int], channel_dim: int) -> tu
     ``feature_shape`` is the shape of one sample (the tensor shape without the batch dim);
     ``channel_dim`` indexes the full tensor (batch dim included), so dim 1 is NCHW's C.
     """
-    check_mode(mode)
-    if mode == "none":
-        return ()
-    if mode == "layer":
+    if check_mode(mode) in ("none", "layer"):
         return ()
     if mode == "element":
         return tuple(int(s) for s in feature_shape)
@@ -58,7 +48,7 @@ class ShiftScale(nn.Module):
             ``channel`` modes.
         channel_dim: dim of the full tensor (batch included) that holds the channels:
             1 for NCHW, ``ndim - 1`` for (N, C), (N, L, C) and channels-last (N, H, W, C).
-        fused: compute with the one-pass op of :mod:`surgeon.fused` (same result within
+        fused: compute with the one-pass op of :mod:`surgeon.ops` (same result within
             rounding; a Triton kernel on CUDA). Off by default.
     """
 
@@ -99,8 +89,6 @@ class ShiftScale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            from .fused import shift_scale
-
             return shift_scale(
                 x, self.shift, self.scale, self.shift_mode, self.scale_mode, self.channel_dim
             )

@@ -1,4 +1,4 @@
-"""surgeon.fused: the one-pass shift-scale op (PyTorch path; the Triton path is checked by
+"""surgeon.ops and surgeon.fused: the one-pass shift-scale op (PyTorch path; the Triton path is checked by
 benchmarks/check_triton.py on a GPU, and here in Triton's interpreter by one slow test)."""
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from torch import fx, nn
 
 import surgeon
 from surgeon import fused
-from surgeon.fused import ReLUShiftScale, fuse_relu, relu_shift_scale, set_fused, shift_scale
+from surgeon.fused import ReLUShiftScale, fuse_relu, set_fused
 from surgeon.layers import MODES, ShiftScale
+from surgeon.ops import fused as op
+from surgeon.ops import relu_shift_scale, shift_scale
 
 PAIRS = [(s, c) for s in MODES for c in MODES if (s, c) != ("none", "none")]
 # (name, shape, channel dim, memory format)
@@ -40,9 +42,9 @@ def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.fixture(autouse=True)
 def torch_backend():
     """CPU tests exercise the PyTorch path whatever SURGEON_FUSED_BACKEND says."""
-    old, fused.BACKEND = fused.BACKEND, "torch"
+    old, op.BACKEND = op.BACKEND, "torch"
     yield
-    fused.BACKEND = old
+    op.BACKEND = old
 
 
 def make_input(shape, mf, dtype=torch.float64, seed=0) -> torch.Tensor:
@@ -344,8 +346,8 @@ def test_property_matches_reference(data, ndim, modes, relu, channels_last):
     def ref_fn(x, b, a):
         x = torch.relu(x) if relu else x
         if b is not None:
-            x = x + fused._view(b, modes[0], x, cd)
-        return x * fused._view(a, modes[1], x, cd) if a is not None else x
+            x = x + op._view(b, modes[0], x, cd)
+        return x * op._view(a, modes[1], x, cd) if a is not None else x
 
     ref = forward_backward(ref_fn, x, [b, a], g)
     b2, a2 = params(m)

@@ -1,8 +1,6 @@
-"""The resolved configuration of one training run, and variant names.
+"""The configuration of one training run (defaults < recipe < flags), and variant names.
 
-A run's configuration comes from three layers: the defaults below, a recipe (``[base]``
-plus one point of its grid), then command-line flags. The result is saved as the run's
-``config.json``.
+Torch-free: ``surgeon train --help`` builds its options from the fields' metadata.
 """
 
 from __future__ import annotations
@@ -13,58 +11,121 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import TrainError
-from ..layers import MODES
+from ..modes import MODES
 
 SCHEDULES = ("constant", "cosine", "step")
 PRECISIONS = ("fp32", "bf16")
 NORMS = ("none", "batchnorm")
+DECAY_TARGETS = ("identity", "zero")
+DEVICES = ("auto", "cpu", "cuda")
+WINDOW = 200  # online learning: samples in the windowed prequential accuracy
+
+VARIANT, DATA, OPTIM, RUN = "Model and variant", "Data", "Optimisation", "Run"
+
+
+def _opt(default: Any = None, help: str = "", panel: str = RUN, **meta: Any) -> Any:
+    """A field with its help text; ``surgeon train`` makes an option of it unless ``cli=False``.
+
+    ``flag`` spells the option (``"--dropout/--no-dropout"``, ``"--model-arg"``), ``metavar``
+    names its value in ``--help``; a list or dict default becomes a default factory.
+    """
+    metadata = {"help": help, "panel": panel, **meta}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=type(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _choices(values: tuple[str, ...]) -> str:
+    return ", ".join(values[:-1]) + f" or {values[-1]}"
 
 
 @dataclass
 class TrainConfig:
-    """Everything one run needs. Units in comments; defaults follow the thesis."""
+    """Everything one run needs; the defaults follow the thesis. Each field's help is its
+    ``surgeon train`` option's help (``metadata["help"]``)."""
 
-    name: str = ""  # run folder name; derived from variant, lr and seed when empty
-    model: str = "allconv"  # model spec, as for `surgeon insert`
-    model_args: dict[str, Any] = field(default_factory=dict)
-    shift: str = "layer"  # none | element | channel | layer
-    scale: str = "layer"
-    norm: str = "none"  # none | batchnorm (inserted before each non-final activation)
-    dropout: bool = False  # built-in models only
-    include: list[str] = field(default_factory=list)  # site selection, as for insert
-    exclude: list[str] = field(default_factory=list)
-    data: str = "sample"  # sample | cifar10 | cifar100 | path to an ImageFolder tree
-    data_root: str | None = None
-    download: bool = False
-    augment: bool = True  # random crop (pad 4) + horizontal flip, as batch tensor ops
-    limit_train: int | None = None  # class-balanced subset sizes (quick runs, tests)
-    limit_test: int | None = None
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.04  # the thesis's LRs: 0.02, 0.04, 0.08
-    momentum: float = 0.9
-    nesterov: bool = False
-    wd: float = 0.0  # weight decay of the model's own weights
-    ss_lr_mult: float = 0.1  # LR multiplier of the shift/scale group (see docs/training.md)
-    ss_wd: float = 0.0  # weight decay of the shift/scale group
-    ss_decay_to: str = "identity"  # identity (shift->0, scale->1) | zero
-    schedule: str = "constant"  # constant | cosine | step
-    step_size: int = 0  # step schedule: epochs per decay (0: a third of the run)
-    gamma: float = 0.1  # step schedule: decay factor
-    warmup_epochs: float = 0.0  # linear warm-up, in epochs
-    seed: int = 0
-    precision: str = "fp32"  # fp32 | bf16 (autocast, CUDA only)
-    compile: bool = False
-    channels_last: bool = True  # CUDA only
-    ema: float = 0.99  # coefficient of the training-loss EMA
-    device: str = "auto"  # auto | cpu | cuda
-    probe: bool = False  # per-site activation stats and gradient norms, once per epoch
-    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
-    accum_steps: int = 1  # micro-batches per optimiser step (batch_size is per step, all ranks)
-    sync_bn: bool = False  # SyncBatchNorm for the batchnorm variant under DDP
-    pretrained: bool = False  # timm/torchvision pretrained weights (needs internet or a cache)
-    tensorboard: bool = False
-    variant: str = ""  # filled in from norm/shift/scale
+    name: str = _opt(
+        "", "run folder name (single runs; default: VARIANT_lrLR_sSEED)", metavar="NAME"
+    )
+    model: str = _opt(
+        "allconv", "model spec: allconv, mlp, timm:NAME, torchvision:NAME, file.py[:name]",
+        VARIANT, metavar="MODEL",
+    )  # fmt: skip
+    model_args: dict[str, Any] = _opt(
+        {}, "key=value for the model constructor (repeatable)", VARIANT,
+        flag="--model-arg", metavar="KEY=VALUE",
+    )  # fmt: skip
+    shift: str = _opt("layer", f"shift mode: {_choices(MODES)}", VARIANT, metavar="MODE")
+    scale: str = _opt("layer", f"scale mode: {_choices(MODES)}", VARIANT, metavar="MODE")
+    norm: str = _opt(
+        "none", "none or batchnorm (before each non-final activation)", VARIANT, metavar="NORM"
+    )
+    dropout: bool = _opt(
+        False, "the built-in models' dropout", VARIANT, flag="--dropout/--no-dropout"
+    )
+    include: list[str] = _opt([], "keep only these sites (kind or node-name glob)", cli=False)
+    exclude: list[str] = _opt([], "drop these sites (kind or node-name glob)", cli=False)
+    data: str = _opt(
+        "sample", "sample, cifar10, cifar100 or an ImageFolder path", DATA, metavar="DATA"
+    )
+    data_root: str | None = _opt(
+        None, "where torchvision's CIFAR files live (default ./data)", DATA, metavar="DIR"
+    )
+    download: bool = _opt(False, "let torchvision download CIFAR", DATA, flag="--download")
+    augment: bool = _opt(
+        True, "random crop (pad 4) + horizontal flip, as batch tensor ops", DATA,
+        flag="--augment/--no-augment",
+    )  # fmt: skip
+    limit_train: int | None = _opt(
+        None, "class-balanced subset of the training split", DATA, metavar="N"
+    )
+    limit_test: int | None = _opt(
+        None, "class-balanced subset of the test split", DATA, metavar="N"
+    )
+    epochs: int = _opt(10, "epochs", OPTIM, metavar="N")
+    batch_size: int = _opt(128, "batch size (one optimiser step, all ranks)", OPTIM, metavar="N")
+    lr: float = _opt(
+        0.04, "learning rate of the weights (thesis: 0.02, 0.04, 0.08)", OPTIM, metavar="LR"
+    )
+    momentum: float = _opt(0.9, "SGD momentum", OPTIM, metavar="M")
+    nesterov: bool = _opt(False, "Nesterov momentum", OPTIM, flag="--nesterov")
+    wd: float = _opt(0.0, "weight decay of the weights", OPTIM, metavar="WD")
+    ss_lr_mult: float = _opt(
+        0.1, "LR multiplier of the shift/scale parameters (see docs/training.md)", OPTIM,
+        metavar="X",
+    )  # fmt: skip
+    ss_wd: float = _opt(0.0, "weight decay of the shift/scale parameters", OPTIM, metavar="WD")
+    ss_decay_to: str = _opt(
+        "identity", "identity (shift->0, scale->1) or zero", OPTIM, metavar="TARGET"
+    )
+    schedule: str = _opt("constant", f"LR schedule: {_choices(SCHEDULES)}", OPTIM, metavar="NAME")
+    step_size: int = _opt(0, "step schedule: epochs per decay (0: a third of the run)", cli=False)
+    gamma: float = _opt(0.1, "step schedule: decay factor", cli=False)
+    warmup_epochs: float = _opt(0.0, "linear warm-up, in epochs", OPTIM, metavar="EPOCHS")
+    seed: int = _opt(0, "seed of the init and the data order", RUN, metavar="N")
+    precision: str = _opt("fp32", "fp32 or bf16 (CUDA autocast)", RUN, metavar="NAME")
+    compile: bool = _opt(False, "torch.compile the model", RUN, flag="--compile")
+    channels_last: bool = _opt(True, "channels_last memory format (CUDA only)", cli=False)
+    ema: float = _opt(0.99, "coefficient of the training-loss EMA", RUN, metavar="X")
+    device: str = _opt("auto", f"{_choices(DEVICES)}", RUN, metavar="DEVICE")
+    probe: bool = _opt(
+        False, "log per-site activation stats and gradient norms, once per epoch", RUN,
+        flag="--probe",
+    )  # fmt: skip
+    checkpoint_every: int = _opt(
+        0, "steps between mid-epoch checkpoints (0: end of each epoch only)", RUN, metavar="N"
+    )
+    accum_steps: int = _opt(1, "micro-batches per optimiser step", RUN, metavar="N")
+    sync_bn: bool = _opt(
+        False, "SyncBatchNorm for the batchnorm variant under DDP", RUN, flag="--sync-bn"
+    )
+    pretrained: bool = _opt(
+        False, "timm/torchvision pretrained weights (downloads)", VARIANT, flag="--pretrained"
+    )
+    tensorboard: bool = _opt(
+        False, "also write TensorBoard event files (needs tensorboard)", RUN, flag="--tensorboard"
+    )
+    variant: str = _opt("", "filled in from norm, shift and scale", cli=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,8 +140,8 @@ class TrainConfig:
             ("norm", self.norm, NORMS),
             ("schedule", self.schedule, SCHEDULES),
             ("precision", self.precision, PRECISIONS),
-            ("ss-decay-to", self.ss_decay_to, ("identity", "zero")),
-            ("device", self.device, ("auto", "cpu", "cuda")),
+            ("ss-decay-to", self.ss_decay_to, DECAY_TARGETS),
+            ("device", self.device, DEVICES),
         )
         for what, value, allowed in checks:
             if value not in allowed:
