@@ -20,11 +20,9 @@ from torch import fx, nn
 
 from .errors import SurgeonError
 from .models.sources import build_model
+from .rundir import CODE_FILE, RECORD_FILE, WEIGHTS_FILE
 
 FORMAT_VERSION = 1
-RECORD_FILE = "surgery.json"
-WEIGHTS_FILE = "model.safetensors"
-CODE_FILE = "model_fx.py"
 
 
 def versions() -> dict[str, str]:
