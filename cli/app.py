@@ -1,14 +1,20 @@
-"""The ``surgeon`` typer app. Commands live in their own modules; this file wires them."""
+"""The ``surgeon`` typer app. Commands live in their own modules; this file wires them.
+
+Nothing here or in the command modules imports torch at the top: ``--help`` and
+``--version`` answer at once, and each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
+from surgeon import __version__
 from surgeon.errors import SurgeonError
 
-from .common import debug, report_error
+from .common import Command, Group, debug, report_error, usage_error
 from .fold import fold_command
 from .insert import insert_command
 from .inspect import inspect_params_command
@@ -16,24 +22,46 @@ from .online import online_command
 from .report import report_command
 from .train import train_command
 
+HELP = (
+    "fx-surgeon: insert learned shift/scale layers into any PyTorch model, train and inspect them."
+)
+
 app = typer.Typer(
     name="surgeon",
-    help="fx-surgeon: insert learned shift/scale layers into any PyTorch model, train and inspect them.",
+    help=HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    cls=Group,
 )
-app.command("insert")(insert_command)
-app.command("train")(train_command)
-app.command("inspect-params")(inspect_params_command)
-app.command("report")(report_command)
-app.command("fold")(fold_command)
-app.command("online")(online_command)
+app.command("insert", cls=Command)(insert_command)
+app.command("train", cls=Command)(train_command)
+app.command("inspect-params", cls=Command)(inspect_params_command)
+app.command("report", cls=Command)(report_command)
+app.command("fold", cls=Command)(fold_command)
+app.command("online", cls=Command)(online_command)
 
 
-@app.callback()
-def _root() -> None:
-    """fx-surgeon: insert learned shift/scale layers into any PyTorch model, train and inspect them."""
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"fx-surgeon {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(help=HELP)
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="print the version and exit",
+            is_eager=True,
+            callback=_print_version,
+        ),
+    ] = False,
+) -> None:
+    pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,10 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         print("aborted", file=sys.stderr)
         return 1
     except Exception as exc:  # click's usage errors (typer may vendor its own click)
-        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
+        if not (
+            hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)
+        ):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError" or debug():  # `surgeon` alone: the help
             exc.show()
             return exc.exit_code
-        raise
+        report_error(usage_error(exc))
+        return exc.exit_code
     return 0
 
 

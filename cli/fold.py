@@ -12,7 +12,7 @@ from rich.table import Table
 
 import surgeon
 from surgeon.errors import SurgeonError
-from surgeon.io import RECORD_FILE, read_record
+from surgeon.rundir import RECORD_FILE, read_record
 
 from .common import console, err_console
 
@@ -22,16 +22,25 @@ TOLERANCE = 1e-4  # relative to the largest output: beyond it the fold is report
 def fold_command(
     model_dir: Annotated[
         Path,
-        typer.Argument(help="a folder written by `surgeon insert -o`, `surgeon train` or save()"),
+        typer.Argument(
+            help="a folder written by `surgeon insert -o`, `surgeon train` or save()",
+            metavar="MODEL_DIR",
+            show_default=False,
+        ),
     ],
     output: Annotated[
-        Path, typer.Option("-o", "--output", help="write the folded model here (a new folder)")
+        Path,
+        typer.Option(
+            "-o", "--output", help="write the folded model here (a new folder)", metavar="DIR"
+        ),
     ],
     input_size: Annotated[
-        str | None, typer.Option(help="C,H,W of the check input (default: the recorded one)")
+        str | None,
+        typer.Option(help="C,H,W of the check input (default: the recorded one)", metavar="C,H,W"),
     ] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="print one JSON object on stdout instead of tables")
+        bool,
+        typer.Option("--json", help="print one JSON object on stdout instead of tables"),
     ] = False,
 ) -> None:
     """Fold shift/scale modules into the neighbouring Linear/conv/BatchNorm where exact."""

@@ -5,50 +5,79 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 import surgeon
-from surgeon.models import parse_model_args
-from surgeon.report_insert import insertion_summary
+from surgeon.modes import check_mode
 
 from .common import console, err_console
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def insert_command(
     model: Annotated[
-        str, typer.Argument(help="model.py[:name], timm:NAME, torchvision:NAME, allconv or mlp")
+        str,
+        typer.Argument(
+            help="model.py[:name], timm:NAME, torchvision:NAME, allconv or mlp",
+            metavar="MODEL",
+            show_default=False,
+        ),
     ],
-    shift: Annotated[str, typer.Option(help="none, element, channel or layer")] = "layer",
-    scale: Annotated[str, typer.Option(help="none, element, channel or layer")] = "layer",
+    shift: Annotated[
+        str, typer.Option(help="none, element, channel or layer", metavar="MODE")
+    ] = "layer",
+    scale: Annotated[
+        str, typer.Option(help="none, element, channel or layer", metavar="MODE")
+    ] = "layer",
     include: Annotated[
         list[str],
-        typer.Option(help="keep only sites whose kind or node-name glob matches (repeatable)"),
+        typer.Option(
+            help="keep only sites whose kind or node-name glob matches (repeatable)",
+            metavar="PATTERN",
+        ),
     ] = [],  # noqa: B006
     exclude: Annotated[
-        list[str], typer.Option(help="drop sites whose kind or node-name glob matches (repeatable)")
+        list[str],
+        typer.Option(
+            help="drop sites whose kind or node-name glob matches (repeatable)", metavar="PATTERN"
+        ),
     ] = [],  # noqa: B006
     input_size: Annotated[
-        str | None, typer.Option(help="C,H,W for shape propagation (default: the model's own)")
+        str | None,
+        typer.Option(
+            help="C,H,W for shape propagation (default: the model's own)", metavar="C,H,W"
+        ),
     ] = None,
     model_arg: Annotated[
-        list[str], typer.Option(help="key=value passed to the model's constructor (repeatable)")
+        list[str],
+        typer.Option(
+            help="key=value passed to the model's constructor (repeatable)", metavar="KEY=VALUE"
+        ),
     ] = [],  # noqa: B006
     leaf: Annotated[
-        list[str], typer.Option(help="module class name the tracer must not enter (repeatable)")
+        list[str],
+        typer.Option(
+            help="module class name the tracer must not enter (repeatable)", metavar="CLASS"
+        ),
     ] = [],  # noqa: B006
     output: Annotated[
         Path | None,
         typer.Option(
-            "-o", "--output", help="write surgery.json, model.safetensors and model_fx.py here"
+            "-o",
+            "--output",
+            help="write surgery.json, model.safetensors and model_fx.py here",
+            metavar="DIR",
         ),
     ] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="print one JSON object on stdout instead of tables")
+        bool,
+        typer.Option("--json", help="print one JSON object on stdout instead of tables"),
     ] = False,
     replace_norm: Annotated[
         bool,
@@ -62,13 +91,17 @@ def insert_command(
         typer.Option(
             help="when torch.fx cannot trace MODEL: auto (the default: insert at module level "
             "and say so, or fail if that reaches no activation), never (fail) or eager "
-            "(always module level)"
+            "(always module level)",
+            metavar="WHEN",
         ),
     ] = "auto",
 ) -> None:
     """Insert shift/scale modules into MODEL and report the sites."""
-    surgeon.layers.check_mode(shift, "shift mode")
-    surgeon.layers.check_mode(scale, "scale mode")
+    check_mode(shift, "shift mode")
+    check_mode(scale, "scale mode")
+    from surgeon.models import parse_model_args
+    from surgeon.summary import insertion_summary
+
     base = surgeon.build_model(model, parse_model_args(model_arg))
     replaced = None
     if replace_norm:
@@ -93,7 +126,7 @@ def insert_command(
     if not summary["sites"] and not (replaced and shift == scale == "none"):
         why = "both modes are none" if shift == scale == "none" else "no sites found"
         err_console.print(f"[yellow]warning:[/] {why}: nothing was inserted")
-    for warning in gm.surgeon_record.get("warnings", []):  # one line each, never wrapped
+    for warning in gm.surgeon_record.warnings:  # one line each, never wrapped
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     if as_json:
         print(json.dumps(summary))
@@ -108,15 +141,15 @@ def insert_command(
         console.print(f"saved to [bold]{output}[/] (surgery.json, model.safetensors, model_fx.py)")
 
 
-def _replace_norm(base, input_size: str | None, leaf: list[str]) -> tuple[torch.nn.Module, dict]:
+def _replace_norm(base, input_size: str | None, leaf: list[str]) -> tuple[nn.Module, dict]:
     """``surgeon.replace_norm`` and what it did, with max |Δoutput| in eval mode."""
-    from surgeon.passes import _parse_input_size
-    from surgeon.report_insert import max_abs_diff_at_init
+    from surgeon.discover import parse_input_size
     from surgeon.shapes import example_inputs_for
+    from surgeon.verify import max_abs_diff_at_init
 
     rn = surgeon.replace_norm(base, input_size=input_size, leaf=leaf)
-    inputs = example_inputs_for(_parse_input_size(input_size, base))
-    info = dict(rn.surgeon_record["replace_norm"])
+    inputs = example_inputs_for(parse_input_size(input_size, base))
+    info = dict(rn.surgeon_record.replace_norm)
     info["max_abs_diff"] = max_abs_diff_at_init(base, rn, inputs)
     return rn, info
 
@@ -157,4 +190,4 @@ def _print_table(summary: dict) -> None:
         )
 
 
-__all__ = ["insert_command", "torch"]
+__all__ = ["insert_command"]

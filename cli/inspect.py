@@ -10,8 +10,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from surgeon import analysis
-
 from .common import console, err_console
 
 MAX_EPOCH_COLUMNS = 8
@@ -22,24 +20,33 @@ def inspect_params_command(
         list[Path],
         typer.Argument(
             help="run folders, saved model folders, checkpoints or snapshot .safetensors files",
+            metavar="TARGET...",
             show_default=False,
         ),
     ],
     epochs: Annotated[
-        bool, typer.Option("--epochs", help="trajectories over training from RUN/snapshots/")
+        bool,
+        typer.Option("--epochs", help="trajectories over training from RUN/snapshots/"),
     ] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="print one JSON object on stdout instead of tables")
+        bool,
+        typer.Option("--json", help="print one JSON object on stdout instead of tables"),
     ] = False,
     plot: Annotated[
         Path | None,
         typer.Option(
-            "--plot", help="write PNGs (values by depth, trajectories, histograms) into this folder"
+            "--plot",
+            help="write PNGs (values by depth, trajectories, histograms) into this folder",
+            metavar="DIR",
         ),
     ] = None,
 ) -> None:
-    """Per-site statistics of the learned shift/scale values; several TARGETs are compared
-    site by site (values, differences, correlation, spread across seeds)."""
+    """Per-site statistics of the learned shift/scale values, compared across TARGETs.
+
+    Several TARGETs are compared site by site: values, differences, correlation, spread
+    across seeds."""
+    from surgeon import analysis
+
     loaded = analysis.load_targets(targets)
     result = analysis.inspect(loaded, epochs=epochs)
     if plot is not None:

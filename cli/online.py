@@ -9,9 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from surgeon.models import parse_model_args
-from surgeon.train import load_recipe
-from surgeon.train.online import WINDOW, plan, run_plan
+from surgeon.train.config import WINDOW
 
 from .common import console
 
@@ -19,11 +17,14 @@ Opt = typer.Option
 
 
 def online_command(
-    recipe: Annotated[str, Opt(help="recipe name (see recipes/) or path to a .toml")] = "online",
+    recipe: Annotated[
+        str, Opt(help="recipe name (see recipes/) or path to a .toml", metavar="RECIPE")
+    ] = "online",
     variant: Annotated[
         list[str] | None,
         Opt(
-            help="run these variants instead of the recipe's: plain, batchnorm, batchnorm-frozen, replace-norm, shift-MODE+scale-MODE (repeatable)"
+            help="run these variants instead of the recipe's: plain, batchnorm, batchnorm-frozen, replace-norm, shift-MODE+scale-MODE (repeatable)",
+            metavar="VARIANT",
         ),
     ] = None,
     replace_norm: Annotated[
@@ -33,27 +34,43 @@ def online_command(
             help="give every batchnorm variant a replace-norm sibling",
         ),
     ] = True,
-    model: Annotated[str | None, Opt(help="model spec: allconv, mlp, timm:NAME, ...")] = None,
+    model: Annotated[
+        str | None, Opt(help="model spec: allconv, mlp, timm:NAME, ...", metavar="MODEL")
+    ] = None,
     model_arg: Annotated[
-        list[str] | None, Opt(help="key=value for the model constructor (repeatable)")
+        list[str] | None,
+        Opt(help="key=value for the model constructor (repeatable)", metavar="KEY=VALUE"),
     ] = None,
-    stream: Annotated[int | None, Opt(help="samples streamed (one pass, fixed order)")] = None,
-    limit_test: Annotated[int | None, Opt(help="class-balanced subset of the test split")] = None,
-    lr: Annotated[float | None, Opt(help="learning rate (constant)")] = None,
-    seed: Annotated[int | None, Opt(help="seed of the init and the stream order")] = None,
+    stream: Annotated[
+        int | None, Opt(help="samples streamed (one pass, fixed order)", metavar="N")
+    ] = None,
+    limit_test: Annotated[
+        int | None, Opt(help="class-balanced subset of the test split", metavar="N")
+    ] = None,
+    lr: Annotated[float | None, Opt(help="learning rate (constant)", metavar="LR")] = None,
+    seed: Annotated[
+        int | None, Opt(help="seed of the init and the stream order", metavar="N")
+    ] = None,
     data: Annotated[
-        str | None, Opt(help="sample, cifar10, cifar100 or an ImageFolder path")
+        str | None, Opt(help="sample, cifar10, cifar100 or an ImageFolder path", metavar="DATA")
     ] = None,
-    window: Annotated[int, Opt(help="samples in the windowed prequential accuracy")] = WINDOW,
+    window: Annotated[
+        int, Opt(help="samples in the windowed prequential accuracy", metavar="N")
+    ] = WINDOW,
     warm_start: Annotated[
         int,
         Opt(
-            help="first train a batchnorm model for this many epochs (mini-batches) on the images not streamed"
+            help="first train a batchnorm model for this many epochs (mini-batches) on the images not streamed",
+            metavar="EPOCHS",
         ),
     ] = 0,
-    out: Annotated[Path, Opt(help="folder for runs")] = Path("runs"),
+    out: Annotated[Path, Opt(help="folder for runs", metavar="DIR")] = Path("runs"),
 ) -> None:
     """Learn online (batch size 1, one pass, test-then-train) and report accuracy vs samples seen."""
+    from surgeon.models import parse_model_args
+    from surgeon.train import load_recipe
+    from surgeon.train.online import plan, run_plan
+
     flags: dict[str, Any] = {
         "model": model, "limit_train": stream, "limit_test": limit_test, "lr": lr, "seed": seed,
         "data": data,

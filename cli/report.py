@@ -10,8 +10,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from surgeon import analysis
-from surgeon.analysis.report import summary_table, variant_table
 from surgeon.errors import AnalysisError
 
 from .common import console, err_console
@@ -21,30 +19,42 @@ def report_command(
     folders: Annotated[
         list[Path],
         typer.Argument(
-            help="run folders and/or recipe folders (written by surgeon train)", show_default=False
+            help="run folders and/or recipe folders (written by surgeon train)",
+            metavar="FOLDER...",
+            show_default=False,
         ),
     ],
     output: Annotated[
-        Path, typer.Option("-o", "--output", help="folder for the PNGs, index.md and index.html")
+        Path,
+        typer.Option(
+            "-o", "--output", help="folder for the PNGs, index.md and index.html", metavar="DIR"
+        ),
     ] = Path("report"),
     target_err: Annotated[
         float | None,
         typer.Option(
             "--target-err",
             help="val error (a fraction, 0.3 = 30%) for 'epochs to target'; default: the best any run reaches + 0.05",
+            metavar="ERR",
         ),
     ] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="print one JSON object on stdout instead of tables")
+        bool,
+        typer.Option("--json", help="print one JSON object on stdout instead of tables"),
     ] = False,
 ) -> None:
-    """Training loss (EMA) per step, error per epoch by variant and LR, probes, and a
-    summary table (best/final val error, epochs to a target error, diverged runs)."""
+    """Figures and tables of training runs: loss, error per epoch, probes, a summary.
+
+    The training loss (EMA) per step, the error per epoch by variant and LR, the probes, and
+    a summary table: best/final val error, epochs to a target error, diverged runs."""
     if target_err is not None and not 0 < target_err <= 1:
         raise AnalysisError(
             f"--target-err must be a fraction in (0, 1], got {target_err:g}",
             hint="write 0.25 for 25%",
         )
+    from surgeon import analysis
+    from surgeon.analysis.report import summary_table, variant_table
+
     report = analysis.build_report(folders, output, target_err=target_err)
     if as_json:
         print(json.dumps(analysis.jsonable(report), allow_nan=False))

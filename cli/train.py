@@ -1,144 +1,210 @@
-"""``surgeon train``: train one variant, or a recipe's grid, on CIFAR-10/100 or a folder."""
+"""``surgeon train``: train one variant, or a recipe's grid, on CIFAR-10/100 or a folder.
+
+Every field of :class:`TrainConfig` with ``cli`` metadata becomes an option here: its help,
+spelling and default come from the field, so a field is declared once.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
-import sys
+import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from surgeon.data.sources import resolve as resolve_source
+from surgeon import rundir
 from surgeon.errors import TrainError
-from surgeon.models import parse_model_args
-from surgeon.train import TrainConfig, load_recipe, resume, run_configs
-from surgeon.train.distributed import env_info as dist_env_info
-from surgeon.train.distributed import launch
-from surgeon.train.engine import resolve_device
-from surgeon.train.progress import make_reporter
-from surgeon.train.queue import run_parallel, slots
-from surgeon.train.variants import model_args_for
+from surgeon.train.config import DATA, OPTIM, RUN, VARIANT, TrainConfig
 
-from .common import console
+from .common import console, given_argv
 
 Opt = typer.Option
+LAUNCH = "Recipe and launch"
 
 
 def train_command(
-    recipe: Annotated[str | None, Opt(help="recipe name (see recipes/) or path to a .toml")] = None,
-    model: Annotated[
+    ctx: typer.Context,
+    recipe: Annotated[
         str | None,
-        Opt(help="model spec: allconv, mlp, timm:NAME, torchvision:NAME, file.py[:name]"),
-    ] = None,
-    model_arg: Annotated[
-        list[str] | None, Opt(help="key=value for the model constructor (repeatable)")
-    ] = None,
-    shift: Annotated[str | None, Opt(help="none, element, channel or layer")] = None,
-    scale: Annotated[str | None, Opt(help="none, element, channel or layer")] = None,
-    norm: Annotated[
-        str | None, Opt(help="none or batchnorm (before each non-final activation)")
-    ] = None,
-    dropout: Annotated[
-        bool | None, Opt("--dropout/--no-dropout", help="the built-in models' dropout")
-    ] = None,
-    data: Annotated[
-        str | None, Opt(help="sample, cifar10, cifar100 or an ImageFolder path")
-    ] = None,
-    data_root: Annotated[
-        str | None, Opt(help="where torchvision's CIFAR files live (default ./data)")
-    ] = None,
-    download: Annotated[
-        bool | None, Opt("--download", help="let torchvision download CIFAR")
-    ] = None,
-    augment: Annotated[
-        bool | None, Opt("--augment/--no-augment", help="random crop + flip")
-    ] = None,
-    epochs: Annotated[int | None, Opt(help="epochs")] = None,
-    batch_size: Annotated[int | None, Opt(help="batch size")] = None,
-    lr: Annotated[float | None, Opt(help="learning rate of the weights")] = None,
-    ss_lr_mult: Annotated[
-        float | None, Opt(help="LR multiplier of the shift/scale parameters")
-    ] = None,
-    ss_wd: Annotated[float | None, Opt(help="weight decay of the shift/scale parameters")] = None,
-    ss_decay_to: Annotated[str | None, Opt(help="identity (scale->1, shift->0) or zero")] = None,
-    momentum: Annotated[float | None, Opt(help="SGD momentum (thesis: 0.9)")] = None,
-    nesterov: Annotated[bool | None, Opt("--nesterov", help="Nesterov momentum")] = None,
-    wd: Annotated[float | None, Opt(help="weight decay of the weights")] = None,
-    schedule: Annotated[str | None, Opt(help="constant, cosine or step")] = None,
-    warmup_epochs: Annotated[float | None, Opt(help="linear warm-up, in epochs")] = None,
-    seed: Annotated[int | None, Opt(help="seed of the init and the data order")] = None,
-    precision: Annotated[str | None, Opt(help="fp32 or bf16 (CUDA autocast)")] = None,
-    compile: Annotated[bool | None, Opt("--compile", help="torch.compile the model")] = None,
-    ema: Annotated[float | None, Opt(help="coefficient of the training-loss EMA")] = None,
-    probe: Annotated[
-        bool | None, Opt("--probe", help="log per-site activation stats and gradient norms")
-    ] = None,
-    tensorboard: Annotated[
-        bool | None,
-        Opt("--tensorboard", help="also write TensorBoard event files (needs tensorboard)"),
-    ] = None,
-    limit_train: Annotated[
-        int | None, Opt(help="class-balanced subset of the training split")
-    ] = None,
-    limit_test: Annotated[int | None, Opt(help="class-balanced subset of the test split")] = None,
-    checkpoint_every: Annotated[int | None, Opt(help="steps between mid-epoch checkpoints")] = None,
-    device: Annotated[str | None, Opt(help="auto, cpu or cuda")] = None,
-    accum_steps: Annotated[int | None, Opt(help="micro-batches per optimiser step")] = None,
-    sync_bn: Annotated[
-        bool | None, Opt("--sync-bn", help="SyncBatchNorm for the batchnorm variant under DDP")
-    ] = None,
-    pretrained: Annotated[
-        bool | None, Opt("--pretrained", help="timm/torchvision pretrained weights (downloads)")
+        Opt(
+            help="recipe name (see recipes/) or path to a .toml",
+            metavar="RECIPE",
+            rich_help_panel=LAUNCH,
+        ),
     ] = None,
     config: Annotated[
-        Path | None, Opt(help="a JSON file with a resolved run config (as in a run's config.json)")
+        Path | None,
+        Opt(
+            help="a JSON file with a resolved run config (as in a run's config.json)",
+            metavar="FILE",
+            rich_help_panel=LAUNCH,
+        ),
     ] = None,
-    nproc: Annotated[int, Opt(help="processes for one run (DDP through torchrun)")] = 1,
+    nproc: Annotated[
+        int,
+        Opt(
+            help="processes for one run (DDP through torchrun)", metavar="N", rich_help_panel=LAUNCH
+        ),
+    ] = 1,
     gpus: Annotated[
-        str | None, Opt(help="comma-separated GPU ids: a recipe's runs spread over them")
+        str | None,
+        Opt(
+            help="comma-separated GPU ids: a recipe's runs spread over them",
+            metavar="IDS",
+            rich_help_panel=LAUNCH,
+        ),
     ] = None,
-    runs_per_gpu: Annotated[int, Opt(help="concurrent runs per GPU with --gpus")] = 1,
-    workers: Annotated[int, Opt(help="concurrent runs on CPU")] = 1,
-    out: Annotated[Path, Opt(help="folder for runs")] = Path("runs"),
-    name: Annotated[str | None, Opt(help="run folder name (single runs)")] = None,
+    runs_per_gpu: Annotated[
+        int, Opt(help="concurrent runs per GPU with --gpus", metavar="N", rich_help_panel=LAUNCH)
+    ] = 1,
+    workers: Annotated[
+        int, Opt(help="concurrent runs on CPU", metavar="N", rich_help_panel=LAUNCH)
+    ] = 1,
+    out: Annotated[Path, Opt(help="folder for runs", metavar="DIR", rich_help_panel=LAUNCH)] = Path(
+        "runs"
+    ),
     resume_run: Annotated[
-        Path | None, Opt("--resume", help="continue the run in this folder")
+        Path | None,
+        Opt(
+            "--resume",
+            help="continue the run in this folder",
+            metavar="RUN",
+            rich_help_panel=LAUNCH,
+        ),
     ] = None,
-    quiet: Annotated[bool, Opt("--quiet", help="plain log lines instead of live bars")] = False,
-    dry_run: Annotated[bool, Opt("--dry-run", help="list the runs without training")] = False,
+    quiet: Annotated[
+        bool,
+        Opt(
+            "--quiet",
+            help="plain log lines instead of live bars",
+            rich_help_panel=LAUNCH,
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        Opt("--dry-run", help="list the runs without training", rich_help_panel=LAUNCH),
+    ] = False,
+    **fields: Any,
 ) -> None:
     """Train the variants (plain, batchnorm, shift/scale) with the thesis's recipes."""
-    flags: dict[str, Any] = {
-        "model": model, "shift": shift, "scale": scale, "norm": norm, "dropout": dropout,
-        "data": data, "data_root": data_root, "download": download, "augment": augment,
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "ss_lr_mult": ss_lr_mult, "ss_wd": ss_wd,
-        "ss_decay_to": ss_decay_to, "momentum": momentum, "nesterov": nesterov, "wd": wd,
-        "schedule": schedule, "warmup_epochs": warmup_epochs, "seed": seed, "precision": precision,
-        "compile": compile, "ema": ema, "probe": probe, "tensorboard": tensorboard, "limit_train": limit_train,
-        "limit_test": limit_test, "checkpoint_every": checkpoint_every, "device": device,
-        "accum_steps": accum_steps, "sync_bn": sync_bn, "pretrained": pretrained,
-    }  # fmt: skip
-    overrides = {k: v for k, v in flags.items() if v is not None}
-    if model_arg:
-        overrides["model_args"] = parse_model_args(model_arg)
-    reporter = lambda: make_reporter(quiet)  # noqa: E731
-    if dist_env_info().launched and dist_env_info().rank != 0:
+    from surgeon.train import distributed
+
+    overrides = {k: v for k, v in fields.items() if _given(ctx, k)}
+    name = overrides.pop("name", None)
+    if "model_args" in overrides:
+        from surgeon.models import parse_model_args
+
+        overrides["model_args"] = parse_model_args(overrides["model_args"])
+    dist = distributed.env_info()
+    if dist.launched and dist.rank != 0:
         console.quiet = True  # only rank 0 prints
-    if nproc > 1 or (nproc == 1 and "--nproc" in sys.argv):
+    if nproc > 1 or _given(ctx, "nproc"):  # --nproc 1 too: DDP at world size 1
         if recipe is not None or gpus or workers > 1:
             raise TrainError(
                 "--nproc runs one run on several processes; not with --recipe, --gpus or --workers",
                 hint="launch one run at a time",
             )
-        if dist_env_info().launched:
+        if dist.launched:
             raise TrainError(
                 "--nproc given inside a torchrun process", hint="use either torchrun or --nproc"
             )
-        argv = _strip_nproc(sys.argv[1:])
-        raise typer.Exit(launch(nproc, argv))
+        raise typer.Exit(
+            distributed.launch(nproc, [ctx.info_name, *given_argv(ctx, skip={"nproc"})])
+        )
+    _train(
+        recipe,
+        config,
+        gpus,
+        runs_per_gpu,
+        workers,
+        out,
+        name,
+        resume_run,
+        quiet,
+        dry_run,
+        overrides,
+    )
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
+def _config_options() -> list[inspect.Parameter]:
+    """One keyword option per :class:`TrainConfig` field with CLI metadata, its default the
+    field's (shown in ``--help``). Only the options the command line sets override a recipe
+    (their parameter source, see :func:`_given`)."""
+    hints = typing.get_type_hints(TrainConfig)
+    params = []
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if "help" not in meta or meta.get("cli", True) is False:
+            continue
+        repeated = f.name == "model_args"  # key=value items, parsed by parse_model_args
+        kind = list[str] if repeated else _strip_none(hints[f.name])
+        default = [] if repeated else f.default
+        single_flag = kind is bool and "/" not in meta.get("flag", "")
+        option = Opt(
+            meta.get("flag", "--" + f.name.replace("_", "-")),
+            help=meta["help"],
+            metavar=meta.get("metavar"),
+            show_default=default not in (None, "", []) and not single_flag,
+            rich_help_panel=meta.get("panel"),
+        )
+        annotation = Annotated[Optional[kind] if default is None else kind, option]
+        params.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+            )
+        )
+    order = {panel: i for i, panel in enumerate((VARIANT, DATA, OPTIM, RUN))}
+    return sorted(params, key=lambda p: order.get(_panel(p), len(order)))
+
+
+def _panel(param: inspect.Parameter) -> str | None:
+    return typing.get_args(param.annotation)[1].rich_help_panel
+
+
+def _strip_none(hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _signature() -> inspect.Signature:
+    own = inspect.signature(train_command, eval_str=True)
+    fixed = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    ctx, rest = fixed[0], fixed[1:]
+    return own.replace(
+        parameters=[ctx, *_config_options(), *(p.replace(kind=p.KEYWORD_ONLY) for p in rest)]
+    )
+
+
+train_command.__signature__ = _signature()  # type: ignore[attr-defined]
+
+
+def _train(
+    recipe: str | None,
+    config: Path | None,
+    gpus: str | None,
+    runs_per_gpu: int,
+    workers: int,
+    out: Path,
+    name: str | None,
+    resume_run: Path | None,
+    quiet: bool,
+    dry_run: bool,
+    overrides: dict[str, Any],
+) -> None:
+    from surgeon.train import load_recipe, resume, run_configs
+    from surgeon.train.progress import make_reporter
+
+    reporter = lambda: make_reporter(quiet)  # noqa: E731
     if resume_run is not None:
         if recipe is not None:
             raise TrainError(
@@ -174,7 +240,7 @@ def train_command(
             out,
             "",
         )
-    if download and any(c.data not in ("cifar10", "cifar100") for c in configs):
+    if overrides.get("download") and any(c.data not in ("cifar10", "cifar100") for c in configs):
         raise TrainError(
             "--download applies to --data cifar10 or cifar100",
             hint="drop --download for folders and the sample",
@@ -184,6 +250,8 @@ def train_command(
         return
     _preflight(configs, folder)
     if gpus or workers > 1:
+        from surgeon.train.queue import run_parallel, slots
+
         gpu_ids = [int(g) for g in gpus.split(",")] if gpus else None
         results = run_parallel(
             configs,
@@ -202,7 +270,7 @@ def train_command(
         )
     _print_table(results)
     if recipe is not None:
-        console.print(f"results: {folder / 'results.csv'}")
+        console.print(f"results: {folder / rundir.RESULTS_CSV}")
     else:
         console.print(f"run folder: {folder / configs[0].name}")
     if any(r["status"] == "failed" for r in results):
@@ -215,6 +283,10 @@ def train_command(
 
 def _preflight(configs: list[TrainConfig], folder: Path) -> None:
     """Errors every run would hit, raised before any training (one line, exit 2)."""
+    from surgeon.data.sources import resolve as resolve_source
+    from surgeon.train.engine import resolve_device
+    from surgeon.train.variants import model_args_for
+
     checked: set[tuple] = set()
     for c in configs:
         if c.precision == "bf16" and resolve_device(c.device).type != "cuda":
@@ -232,18 +304,6 @@ def _preflight(configs: list[TrainConfig], folder: Path) -> None:
         if key not in checked:  # a missing dataset or a bad path, before any run starts
             checked.add(key)
             resolve_source(c.data, Path(c.data_root) if c.data_root else None, c.download)
-
-
-def _strip_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            out.append(a)
-    return out
 
 
 def _config_from_file(path: Path, overrides: dict[str, Any], name: str | None) -> TrainConfig:

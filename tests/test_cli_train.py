@@ -133,6 +133,24 @@ def test_error_from_a_real_process(cache):
     assert one_line_error(r.stderr).startswith("error: unknown recipe 'no-such-recipe'")
 
 
+def test_nproc_relaunches_the_given_options(monkeypatch, capsys):
+    """--nproc re-runs the command under torchrun with the options the user gave, rebuilt from
+    the parsed values (no --nproc, no defaults); --nproc 1 given explicitly launches too."""
+    from surgeon.train import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "launch", lambda n, argv: calls.append((n, argv)) or 0)
+    argv = [*MLP, "--lr", "0.1", "--no-dropout", "--quiet", "--out", "somewhere"]
+    assert cli(capsys, *argv, "--nproc", "2")[0] == 0
+    assert cli(capsys, "--nproc=1", "--epochs", "3")[0] == 0
+    assert cli(capsys, "--nproc", "2", "--recipe", "quick")[0] == 2
+    assert calls == [
+        (2, ["train", "--model", "mlp", "--model-arg", "hidden=(16,)", "--no-dropout", "--lr",
+             "0.1", "--out", "somewhere", "--quiet"]),
+        (1, ["train", "--epochs", "3"]),
+    ]  # fmt: skip
+
+
 # --- a single run -----------------------------------------------------------------------------
 
 

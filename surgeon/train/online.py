@@ -43,14 +43,13 @@ from ..errors import TrainError
 from ..io import write_json_atomic, write_model_files
 from ..passes import insert, insert_batchnorm
 from ..replace_norm import replace_norm
-from .config import TrainConfig, parse_variant, run_name, variant_name
+from .config import WINDOW, TrainConfig, parse_variant, run_name, variant_name
 from .engine import SUMMARY_FIELDS, resolve_device, write_summary
 from .optim import build_optimizer, decay_to_identity
 from .recipes import Recipe
 from .variants import build_base
 
 NORMS = ("none", "batchnorm", "batchnorm-frozen", "replace-norm")
-WINDOW = 200  # samples in the windowed prequential accuracy
 WARM_BATCH = 64  # warm start: mini-batch size
 WARM_LR = 0.04  # warm start: SGD learning rate (momentum 0.9), the thesis's middle LR
 ONLINE_FIELDS = (
