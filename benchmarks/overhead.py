@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import surgeon  # noqa: E402
-from surgeon.fused import fuse_relu  # noqa: E402
 from surgeon.models.builtin import AllConvC  # noqa: E402
+from surgeon.passes import fuse_relu  # noqa: E402
 
 MODES = ("element", "channel", "layer")
 

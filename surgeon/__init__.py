@@ -9,13 +9,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # public name -> the module that defines it
 _EXPORTS = {
     "SurgeonError": "errors",
-    "FoldReport": "fold",
-    "fold": "fold",
+    "FoldReport": "passes",
+    "fold": "passes",
     "load": "io",
     "save": "io",
     "ChannelBatchNorm": "layers",
@@ -31,7 +31,7 @@ _EXPORTS = {
     "register_activation": "registry",
     "register_leaf_module": "registry",
     "register_norm_act": "registry",
-    "replace_norm": "replace_norm",
+    "replace_norm": "passes",
     "Site": "sites",
 }
 
@@ -58,11 +58,18 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .errors import SurgeonError
-    from .fold import FoldReport, fold
     from .io import load, save
     from .layers import ChannelBatchNorm, Scale, Shift, ShiftScale
     from .models import build_model
-    from .passes import find_sites, insert, insert_batchnorm, inserted_modules, strip
+    from .passes import (
+        FoldReport,
+        find_sites,
+        fold,
+        insert,
+        insert_batchnorm,
+        inserted_modules,
+        replace_norm,
+        strip,
+    )  # fmt: skip
     from .registry import register_activation, register_leaf_module, register_norm_act
-    from .replace_norm import replace_norm
     from .sites import Site

@@ -2,7 +2,7 @@
 
 Without a graph, a site is an activation module (or fused norm+activation module) that
 runs in the forward pass, and the model's first input. Each gets a shift/scale module
-through a hook (:mod:`surgeon.modsites`): after the activation module, before the model.
+through a hook (:mod:`surgeon.attach`): after the activation module, before the model.
 Shapes come from one forward run on meta tensors, else fake tensors, else (below
 ``shapes.REAL_FORWARD_MAX_PARAMS`` parameters) real ones. Activation *functions*
 (``F.gelu(x)``, ``x.softmax(-1)``) cannot be reached this way; they are counted during the
@@ -15,26 +15,25 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from . import modsites, shapes
-from ._copy import deepcopy_module
+from . import module_sites, shapes
 from .errors import SurgeryError
-from .sites import Site
+from .observer import Call, Observer
+from .sites import InputSite, Site
+from .tracing import deepcopy_module
 
 
-@dataclass
-class EagerAnalysis:
+class Observed(NamedTuple):
     """A copy of the model, its sites, and the activation calls that are not sites."""
 
     model: nn.Module
     sites: list[Site]
     finals: list[dict]
     unreached: list[dict]
-    input_param: str
 
 
 def _run_meta(model: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
@@ -68,7 +67,7 @@ def _first_param(model: nn.Module) -> str:
     return params[0] if params else "x"
 
 
-def _observe(model: nn.Module, inputs: Sequence[torch.Tensor], obs: modsites.Observer) -> None:
+def _observe(model: nn.Module, inputs: Sequence[torch.Tensor], obs: Observer) -> None:
     attempts: list[Callable] = [_run_meta, _run_fake]
     if sum(p.numel() for p in model.parameters()) <= shapes.REAL_FORWARD_MAX_PARAMS:
         attempts.append(_run_real)
@@ -99,19 +98,19 @@ def analyse_eager(
     model: nn.Module,
     inputs: Sequence[torch.Tensor],
     opaque: Sequence[type] = (),
-) -> EagerAnalysis:
+) -> Observed:
     """Find the module-level sites of a deep copy of ``model`` by running it once."""
     m = deepcopy_module(model)
-    everything = modsites.activation_modules(m, enter_all=True)
-    reachable = modsites.activation_modules(m, opaque=tuple(opaque))
-    targets = {p: v[0] for p, v in reachable.items() if not modsites.has_attached(v[0])}
+    everything = module_sites.activation_modules(m, enter_all=True)
+    reachable = module_sites.activation_modules(m, opaque=tuple(opaque))
+    targets = {p: v[0] for p, v in reachable.items() if not module_sites.has_attached(v[0])}
     others = {p: v[0] for p, v in everything.items() if p not in reachable}
     kinds = {p: (v[1], v[2]) for p, v in reachable.items()}
-    obs = modsites.Observer({"": m}, targets, others)
+    obs = Observer({"": m}, targets, others)
     with obs:
         _observe(m, inputs, obs)
 
-    def reason(call: modsites.Call) -> str:
+    def reason(call: Call) -> str:
         where = call.path or "the model's forward"
         if call.site:
             return f"{call.target} at {where}"
@@ -122,34 +121,17 @@ def analyse_eager(
             )
         return f"{call.target} at {where} is inside a torch.nn block or a --leaf module"
 
-    found = modsites.collect(obs, kinds, {""}, reason)
+    found = module_sites.collect(obs, kinds, {""}, reason)
     param = _first_param(m)
     sites: list[Site] = []
     x = inputs[0] if inputs else None
     if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 1:
         shape = tuple(int(s) for s in x.shape)
         cdim = 1 if len(shape) >= 4 else max(len(shape) - 1, 1)
-        sites.append(Site(0, param, "input", "input", (-1, *shape[1:]), cdim))
+        sites.append(InputSite(0, param, "input", "input", (-1, *shape[1:]), cdim))
     for s in found.sites:
         s.extra.pop("scope", None)
     sites += found.sites
     for i, s in enumerate(sites):
         s.index = i
-    return EagerAnalysis(m, sites, found.finals, found.unreached, param)
-
-
-def insert_sites(
-    a: EagerAnalysis, chosen: Sequence[Site], shift: str, scale: str, fused: bool
-) -> nn.Module:
-    """Attach a ``ShiftScale`` to each chosen site of ``a.model`` (in place); return it."""
-    from .layers import ShiftScale
-
-    m = a.model
-    device = next((p.device for p in m.parameters()), torch.device("cpu"))
-    for site in chosen:
-        if site.kind == "input":
-            ss = ShiftScale(shift, scale, site.feature_shape, site.channel_dim, fused=fused)
-            site.module = modsites.attach_before(m, ss.to(device), a.input_param)
-        else:
-            site.module = modsites.insert_module_site(m, site, shift, scale, fused, device)
-    return m
+    return Observed(m, sites, found.finals, found.unreached)

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +19,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
+from ._version import __version__
 from .errors import SurgeonError
-from .models.sources import build_model
+from .record import FORMAT, FORMAT_VERSION, SurgeryRecord
+from .record import rebuild as rebuild_record
 from .rundir import CODE_FILE, RECORD_FILE, WEIGHTS_FILE
-
-FORMAT_VERSION = 1
 
 
 def versions() -> dict[str, str]:
+    """The versions of torch, torchvision, timm (if installed) and fx-surgeon."""
     out = {"torch": torch.__version__}
     for name in ("torchvision", "timm"):
         try:
-            out[name] = __import__(name).__version__
-        except ImportError:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             pass
-    from . import __version__
-
     out["fx-surgeon"] = __version__
     return out
 
@@ -54,9 +54,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         raise
 
 
-def record_of(model: nn.Module) -> dict[str, Any]:
-    rec = getattr(model, "surgeon_record", None)
-    if rec is None or rec.get("source") is None:
+def record_of(model: nn.Module) -> SurgeryRecord:
+    """The model's record; an error if it does not say how the model was built."""
+    rec = SurgeryRecord.of(model)
+    if rec.source is None:
         raise SurgeonError(
             "cannot save: the model does not say how it was built",
             hint="build it with surgeon.build_model(spec) before surgery, or set model.surgeon_source",
@@ -122,13 +123,7 @@ def write_model_files(
     """Write ``surgery.json`` and ``model.safetensors`` into an existing folder, each atomically
     (a run folder holds its final model this way)."""
     folder = Path(folder)
-    meta = {
-        "format": "fx-surgeon",
-        "format_version": FORMAT_VERSION,
-        "versions": versions(),
-        **record_of(model),
-    }
-    meta["training"] = False
+    meta = _meta(record_of(model), training=False)
     meta.update(extra or {})
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
     os.close(fd)
@@ -139,6 +134,17 @@ def write_model_files(
         Path(tmp).unlink(missing_ok=True)
         raise
     write_json_atomic(folder / RECORD_FILE, meta)
+
+
+def _meta(rec: SurgeryRecord, training: bool) -> dict[str, Any]:
+    """What ``surgery.json`` holds: the format, the versions, the record, the mode."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "versions": versions(),
+        **rec.to_dict(),
+        "training": training,
+    }
 
 
 def save(model: nn.Module, folder: str | Path) -> Path:
@@ -154,13 +160,7 @@ def save(model: nn.Module, folder: str | Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
-        meta = {
-            "format": "fx-surgeon",
-            "format_version": FORMAT_VERSION,
-            "versions": versions(),
-            **rec,
-        }
-        meta["training"] = model.training
+        meta = _meta(rec, training=model.training)
         write_json_atomic(tmp / RECORD_FILE, meta)
         write_weights(model, tmp / WEIGHTS_FILE)
         if isinstance(model, fx.GraphModule):
@@ -210,7 +210,8 @@ def _move_into_place(tmp: Path, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_record(folder: str | Path) -> dict[str, Any]:
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    """The content of a saved model's ``surgery.json``, checked to be fx-surgeon's."""
     folder = Path(folder)
     path = folder / RECORD_FILE
     if not path.is_file():
@@ -219,59 +220,32 @@ def read_record(folder: str | Path) -> dict[str, Any]:
             hint="point at a folder written by `surgeon insert -o` or surgeon.save()",
         )
     try:
-        rec = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SurgeonError(f"{path} is not valid JSON: {exc}", hint="re-save the model") from exc
-    if rec.get("format") != "fx-surgeon":
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SurgeonError(f"{path} was not written by fx-surgeon", hint="re-save the model")
-    return rec
+    return meta
 
 
-def rebuild(rec: dict[str, Any]) -> nn.Module:
+def read_record(folder: str | Path) -> SurgeryRecord:
+    """The surgery record of a saved model."""
+    return SurgeryRecord.from_dict(read_meta(folder))
+
+
+def rebuild(rec: SurgeryRecord | dict[str, Any]) -> nn.Module:
     """Build the model from its spec and replay the recorded passes (weights at init)."""
-    from .passes import insert, insert_batchnorm
-
-    src = rec["source"]
-    model: nn.Module = build_model(src["spec"], src.get("args") or {})
-    for p in rec.get("passes", []):
-        opts = {k: p[k] for k in ("include", "exclude", "input_size", "leaf") if k in p}
-        # FX bakes `if self.training:` branches at trace time: trace in the recorded mode
-        model.train(p.get("traced_in", "train") == "train")
-        if p["name"] == "batchnorm":
-            model = insert_batchnorm(model, **opts)
-        elif p["name"] == "shift_scale":
-            if p.get("fused"):
-                opts["fused"] = True
-            if p.get("fallback"):  # replay the recorded method: eager, or FX and never eager
-                opts["fallback"] = p["fallback"]
-            model = insert(model, p["shift"], p["scale"], **opts)
-        elif p["name"] == "replace_norm":  # shapes from the graph, values from the weights
-            from .replace_norm import replace_norm
-
-            model = replace_norm(model, **opts, from_stats=False)
-        elif p["name"] in ("fuse_relu", "unfuse_relu"):
-            from . import fused
-
-            model = getattr(fused, p["name"])(model)
-        elif p["name"] == "fold":  # the fold's structure depends on the graph alone
-            from .fold import fold
-
-            model, _ = fold(model, input_size=opts.get("input_size"), check=False)
-        else:
-            raise SurgeonError(
-                f"unknown pass {p['name']!r} in the record", hint="upgrade fx-surgeon"
-            )
-    return model
+    return rebuild_record(rec if isinstance(rec, SurgeryRecord) else SurgeryRecord.from_dict(rec))
 
 
 def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a saved surgered model and load its weights strictly."""
     folder = Path(folder)
-    rec = read_record(folder)
+    meta = read_meta(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise SurgeonError(f"{folder} has no {WEIGHTS_FILE}", hint="re-save the model")
-    model = rebuild(rec)
+    model = rebuild(SurgeryRecord.from_dict(meta))
     try:
         read_weights(model, weights)
     except (RuntimeError, OSError, ValueError) as exc:  # safetensors' key/shape/format errors
@@ -282,5 +256,5 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
             hint="the weights were edited or saved by another model; re-save the model",
         ) from exc
     model.to(device)
-    model.train(bool(rec.get("training", False)))
+    model.train(bool(meta.get("training", False)))
     return model

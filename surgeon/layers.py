@@ -17,7 +17,10 @@ from .errors import SurgeryError
 from .modes import MODES, check_mode
 from .ops import shift_scale
 
-__all__ = ["MODES", "ChannelBatchNorm", "Scale", "Shift", "ShiftScale", "check_mode", "param_shape"]
+__all__ = [
+    "MODES", "ChannelBatchNorm", "ReLUShiftScale", "Scale", "Shift", "ShiftScale", "check_mode",
+    "make_shift_scale", "param_shape",
+]  # fmt: skip
 
 
 def param_shape(mode: str, feature_shape: Sequence[int], channel_dim: int) -> tuple[int, ...]:
@@ -128,6 +131,15 @@ class ShiftScale(nn.Module):
             return p.view(view).expand(self.feature_shape)
         return p.expand(self.feature_shape)
 
+    def rebuilt_as(self, cls: type[ShiftScale], fused: bool) -> ShiftScale:
+        """A ``cls`` module with this module's modes and the very same parameters."""
+        new = cls(
+            self.shift_mode, self.scale_mode, self.feature_shape, self.channel_dim, fused=fused
+        )
+        new.register_parameter("shift", self.shift)
+        new.register_parameter("scale", self.scale)
+        return new.train(self.training)
+
     def extra_repr(self) -> str:
         parts = []
         for name, mode in (("shift", self.shift_mode), ("scale", self.scale_mode)):
@@ -157,6 +169,51 @@ class Scale(ShiftScale):
         super().__init__(
             shift="none", scale=mode, feature_shape=feature_shape, channel_dim=channel_dim
         )
+
+
+class ReLUShiftScale(ShiftScale):
+    """``y = (relu(x) + shift) * scale``: a ReLU merged into the shift-scale after it.
+
+    Same parameters (and state-dict keys) as the :class:`ShiftScale` it replaces; made by
+    :func:`surgeon.passes.fuse_relu`, undone by :func:`surgeon.passes.unfuse_relu`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return super().forward(torch.relu(x))
+        return shift_scale(
+            x, self.shift, self.scale, self.shift_mode, self.scale_mode, self.channel_dim, True
+        )
+
+    @classmethod
+    def from_module(cls, m: ShiftScale) -> ReLUShiftScale:
+        """A ReLU + ``m`` module sharing ``m``'s parameters; fused."""
+        return m.rebuilt_as(cls, fused=True)
+
+    def extra_repr(self) -> str:
+        return "relu, " + super().extra_repr()
+
+
+def make_shift_scale(
+    shift: str,
+    scale: str,
+    feature_shape: Sequence[int] = (),
+    channel_dim: int = 1,
+    *,
+    fused: bool = False,
+    device: torch.device | str | None = None,
+    values: dict[str, torch.Tensor] | None = None,
+) -> ShiftScale:
+    """The one way the passes make a shift/scale module: modes, the sample shape, the
+    channel dim, on ``device``; identity unless ``values`` (``{"shift": t, "scale": t}``)
+    gives starting values."""
+    m = ShiftScale(shift, scale, feature_shape, channel_dim, fused=fused)
+    if device is not None:
+        m = m.to(device)
+    with torch.no_grad():
+        for name, value in (values or {}).items():
+            getattr(m, name).copy_(value)
+    return m
 
 
 class ChannelBatchNorm(nn.BatchNorm1d):

@@ -12,11 +12,15 @@ sigmoid-like ones (a gate only when its output multiplies features, decided by t
 ``softmax`` for the normalised-exponential family, and ``norm_act`` for fused norm +
 activation modules whose output is the activation's output. Users extend the tables with
 :func:`register_activation` and :func:`register_leaf_module`.
+
+timm's classes join the tables the first time a table is read after timm was imported
+(:func:`lookup_module`, :func:`leaf_modules`): a model that holds timm modules has imported
+timm, and ``import surgeon`` alone never does.
 """
 
 from __future__ import annotations
 
-import operator
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,16 +54,6 @@ TRACE_THROUGH: dict[str, str] = {
         "dead code, and the block holds all of NFNet's activations"
     ),
 }
-# Functions and ops whose result has the same shape and layout as their first input.
-ELEMENTWISE_FUNCTIONS: set[Callable] = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd,
-    operator.imul, torch.add, torch.sub, torch.mul, torch.div, F.dropout, F.dropout2d,
-    F.alpha_dropout, torch.clamp, torch.where,
-}  # fmt: skip
-ELEMENTWISE_METHODS: set[str] = {
-    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "clamp", "clamp_", "contiguous",
-    "clone", "to", "float", "half", "bfloat16", "type_as", "neg", "abs",
-}  # fmt: skip
 
 
 def register_activation(
@@ -132,10 +126,18 @@ def _register_torch() -> None:
         register_activation(name, "softmax")
 
 
+_timm_registered = False
+
+
 def _register_timm() -> None:
+    """Register timm's activation and norm+act classes once timm has been imported."""
+    global _timm_registered
+    if _timm_registered or "timm" not in sys.modules:
+        return
+    _timm_registered = True
     try:
         from timm.layers import activations, norm_act
-    except ImportError:  # timm is a dependency, but keep the core importable without it
+    except ImportError:  # a broken timm install: the torch tables still work
         return
     modules = [activations]
     try:
@@ -159,31 +161,49 @@ def _register_timm() -> None:
         if isinstance(obj, type) and issubclass(obj, nn.Module) and "Act" in name:
             register_norm_act(obj)
 
-
-def _register_mode_dependent_leaves() -> None:
-    """Modules that branch on ``self.training`` in Python: traced through, FX would bake the
-    trace-time mode into the graph; as leaves they keep deciding at run time."""
+    # Modules that branch on ``self.training`` in Python: traced through, FX would bake the
+    # trace-time mode into the graph; as leaves they keep deciding at run time.
     try:
         from timm.layers import DropBlock2d, DropPath
 
         LEAF_MODULES.update({DropPath, DropBlock2d})  # reason: drop_path(x, p, self.training)
     except ImportError:
         pass
+
+
+_torchvision_registered = False
+
+
+def _register_torchvision() -> None:
+    global _torchvision_registered
+    if _torchvision_registered or "torchvision" not in sys.modules:
+        return
+    _torchvision_registered = True
     try:
         from torchvision.ops import StochasticDepth
-
-        LEAF_MODULES.add(StochasticDepth)  # reason: stochastic_depth(..., self.training)
     except ImportError:
-        pass
+        return
+    LEAF_MODULES.add(StochasticDepth)  # reason: stochastic_depth(..., self.training)
 
 
 _register_torch()
-_register_timm()
-_register_mode_dependent_leaves()
+
+
+def sync() -> None:
+    """Add the classes of timm and torchvision to the tables once they are imported."""
+    _register_timm()
+    _register_torchvision()
+
+
+def leaf_modules() -> set[type]:
+    """Every registered leaf module class (activations included)."""
+    sync()
+    return LEAF_MODULES
 
 
 def lookup_module(module: nn.Module) -> tuple[str, bool] | None:
     """``(kind, gate_candidate)`` if ``module`` is a registered activation, else None."""
+    sync()
     for cls in type(module).__mro__:
         if cls in ACT_MODULES:
             e = ACT_MODULES[cls]

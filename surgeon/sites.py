@@ -13,46 +13,104 @@ from __future__ import annotations
 import fnmatch
 import operator
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from . import registry
+from .attach import attach_after, attach_before, free_name, insert_after
 from .errors import SurgeryError
 from .shapes import node_dtype, node_shape
 
 
 @dataclass
 class Site:
-    """One insertion point: the output of node ``name``."""
+    """One insertion point: the output of node (or module) ``name``.
+
+    A site found in a model knows how to take its shift/scale module (:meth:`attach`); one
+    read back from a record (:meth:`from_dict`) is a plain description.
+    """
 
     index: int
     name: str
     kind: str
     target: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # -1 for the batch
     channel_dim: int
     module: str = ""  # name of the inserted module, once inserted
     extra: dict = field(default_factory=dict)
+    folded_into: list[str] | None = None  # set by surgeon.fold
+    scale_folded_into: list[str] | None = None
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
         return tuple(self.shape[1:])
 
+    def attach(self, root: nn.Module, layer: nn.Module) -> str:
+        """Put ``layer`` after the site in ``root``; return its module path."""
+        raise SurgeryError(
+            f"site {self.name!r} is a description read from a record",
+            hint="insert into the model with surgeon.insert()",
+        )
+
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["shape"] = list(self.shape)
-        if not d["extra"]:
-            d.pop("extra")
+        d = {
+            "index": self.index, "name": self.name, "kind": self.kind, "target": self.target,
+            "shape": list(self.shape), "channel_dim": self.channel_dim, "module": self.module,
+        }  # fmt: skip
+        if self.extra:
+            d["extra"] = dict(self.extra)
+        for key in ("folded_into", "scale_folded_into"):
+            if getattr(self, key) is not None:
+                d[key] = list(getattr(self, key))
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Site:
         d = dict(d)
         d["shape"] = tuple(d["shape"])
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        d["extra"] = dict(d.get("extra") or {})
+        return cls(**{k: v for k, v in d.items() if k in _RECORDED})
+
+    def description(self) -> Site:
+        """A plain :class:`Site` with the same fields (what a record keeps)."""
+        return Site.from_dict(self.to_dict())
+
+
+_RECORDED = {f for f in Site.__dataclass_fields__}
+SS_PREFIX = "ss_"
+
+
+@dataclass
+class GraphSite(Site):
+    """The output of a node of the traced graph: a ``call_module`` node after it."""
+
+    node: fx.Node | None = field(default=None, repr=False, compare=False)
+
+    def attach(self, root: nn.Module, layer: nn.Module) -> str:
+        name = free_name(root, SS_PREFIX + self.name)
+        insert_after(root, self.node, name, layer)
+        return name
+
+
+@dataclass
+class ModuleSite(Site):
+    """The output of an activation module the graph does not reach (inside a leaf, or in a
+    model FX cannot trace): a child of that module, applied by a forward hook."""
+
+    def attach(self, root: nn.Module, layer: nn.Module) -> str:
+        return f"{self.name}.{attach_after(root.get_submodule(self.name), layer)}"
+
+
+@dataclass
+class InputSite(Site):
+    """The first input of a model without a graph: a child of the model, applied by a
+    forward pre-hook. ``name`` is the forward's parameter."""
+
+    def attach(self, root: nn.Module, layer: nn.Module) -> str:
+        return attach_before(root, layer, self.name)
 
 
 _MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
@@ -65,7 +123,8 @@ def _is_mul(node: fx.Node) -> bool:
     )
 
 
-def _describe(obj) -> str:
+def describe(obj) -> str:
+    """How a site's target reads in tables: ``nn.ReLU``, ``F.gelu``, ``Tensor.relu``, ..."""
     if isinstance(obj, str):
         return f"Tensor.{obj}"
     if isinstance(obj, type):
@@ -91,14 +150,14 @@ def classify(node: fx.Node, gm: fx.GraphModule) -> tuple[str, str, bool] | None:
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         hit = registry.lookup_module(mod)
-        return (hit[0], _describe(type(mod)), hit[1]) if hit else None
+        return (hit[0], describe(type(mod)), hit[1]) if hit else None
     if node.op == "call_function":
         entry = registry.ACT_FUNCTIONS.get(node.target)
     elif node.op == "call_method":
         entry = registry.ACT_METHODS.get(node.target)
     else:
         return None
-    return (entry.kind, _describe(node.target), entry.gate_candidate) if entry else None
+    return (entry.kind, describe(node.target), entry.gate_candidate) if entry else None
 
 
 # ---------------------------------------------------------------- parametrised paths
@@ -305,13 +364,14 @@ def discover(gm: fx.GraphModule) -> list[Site]:
             continue  # final: reaches the output without another parametrised layer
         seen.add(site_node)
         sites.append(
-            Site(
+            GraphSite(
                 index=len(sites),
                 name=site_node.name,
                 kind=kind,
                 target=target,
                 shape=(-1, *shape[1:]),  # -1: any batch size
                 channel_dim=infer_channel_dim(site_node, gm),
+                node=site_node,
             )
         )
     return sites

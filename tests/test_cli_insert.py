@@ -94,7 +94,7 @@ def test_output_folder_holds_the_three_files_and_loads(runner, tmp_path) -> None
     assert "saved to" in result.stdout
     loaded = surgeon.load(out)
     args = {"hidden": [8, 4], "input_size": [3, 4, 4]}
-    assert loaded.surgeon_record["source"] == {"spec": "mlp", "args": args}
+    assert loaded.surgeon_record.to_dict()["source"] == {"spec": "mlp", "args": args}
     assert list(surgeon.inserted_modules(loaded)) == ["ss_x", "ss_layers_3", "ss_layers_5"]
 
 

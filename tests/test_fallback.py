@@ -72,7 +72,7 @@ def test_fx_cannot_trace_it(model_path) -> None:
 def test_the_fallback_covers_the_activation_modules(model_path) -> None:
     model = surgeon.build_model(str(model_path))
     gm = _insert(model, "channel", "channel")
-    rec = gm.surgeon_record
+    rec = gm.surgeon_record.to_dict()
     assert type(gm).__name__ == "Branchy" and rec["method"] == "eager"
     assert [(s["name"], s["kind"], s["module"]) for s in rec["sites"]] == [
         ("x", "input", "ss_x"),
@@ -109,7 +109,7 @@ def test_save_load_round_trip(model_path, tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # replayed as asked: eager, without the fallback warning
         loaded = surgeon.load(tmp_path / "saved")
-    assert loaded.surgeon_record["method"] == "eager"
+    assert loaded.surgeon_record.to_dict()["method"] == "eager"
     x = torch.randn(2, 3, 8, 8)
     gm.eval()
     with torch.no_grad():
@@ -131,8 +131,8 @@ def test_eager_can_be_asked_for_on_a_traceable_model(max_abs_diff) -> None:
     model = surgeon.build_model("allconv", {"width": 0.25})
     gm = surgeon.insert(model, "channel", "channel", input_size="3,32,32", fallback="eager")
     fx_sites = surgeon.find_sites(model, input_size="3,32,32")
-    assert gm.surgeon_record["method"] == "eager"
-    assert len(gm.surgeon_record["sites"]) == len(fx_sites)
+    assert gm.surgeon_record.to_dict()["method"] == "eager"
+    assert len(gm.surgeon_record.to_dict()["sites"]) == len(fx_sites)
     assert max_abs_diff(model, gm, torch.randn(2, 3, 32, 32)) == 0.0
     with pytest.raises(surgeon.SurgeonError, match="invalid fallback"):
         surgeon.insert(model, fallback="sometimes")

@@ -222,9 +222,13 @@ def test_allconv_counts_and_record():
     # the three sites before unpadded convs fold; the six before padded 3x3 convs keep a shift
     assert (report.count("folded"), report.count("scale folded"), report.count("kept")) == (3, 6, 0)
     assert report.max_abs_diff < 1e-5 * max(1.0, report.max_abs_output)
-    assert out.surgeon_record["passes"][-1]["name"] == "fold"
-    assert set(surgeon.inserted_modules(out)) == set(out.surgeon_record["fold"]["scale_folded"])
-    assert gm.surgeon_record["passes"][-1]["name"] == "shift_scale"  # the input is untouched
+    assert out.surgeon_record.to_dict()["passes"][-1]["name"] == "fold"
+    assert set(surgeon.inserted_modules(out)) == set(
+        out.surgeon_record.to_dict()["fold"]["scale_folded"]
+    )
+    assert (
+        gm.surgeon_record.to_dict()["passes"][-1]["name"] == "shift_scale"
+    )  # the input is untouched
 
 
 def test_save_load_round_trip(tmp_path):
@@ -252,7 +256,7 @@ def test_cli_fold(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "max |Δoutput|" in text and "3 folded, 6 scale-only, 0 kept" in text
     assert (dst / "model.safetensors").is_file()
-    assert surgeon.load(dst).surgeon_record["passes"][-1]["name"] == "fold"
+    assert surgeon.load(dst).surgeon_record.to_dict()["passes"][-1]["name"] == "fold"
 
 
 @pytest.mark.parametrize("make", ["missing", "empty", "not_json"])

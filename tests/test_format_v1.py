@@ -7,6 +7,7 @@ with the outputs of each model on fixed inputs.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,15 @@ def test_old_folder_loads_with_identical_outputs(name):
 
 
 def test_old_record_reads_as_typed_record():
-    from surgeon.record import SurgeryRecord, read_record
+    from surgeon.io import read_record
+    from surgeon.record import SurgeryRecord
 
     rec = read_record(DATA / "allconv_replace_fold")
     assert isinstance(rec, SurgeryRecord)
     assert [p.name for p in rec.passes] == ["batchnorm", "replace_norm", "shift_scale", "fold"]
-    assert len(rec.sites) == 9 and all(s.module for s in rec.sites)
+    assert len(rec.sites) == 9
+    assert any(s.folded_into for s in rec.sites) and any(s.scale_folded_into for s in rec.sites)
+    # the typed record writes back exactly what it read
+    saved = json.loads((DATA / "allconv_replace_fold" / "surgery.json").read_text())
+    meta = ("format", "format_version", "versions", "training")
+    assert rec.to_dict() == {k: v for k, v in saved.items() if k not in meta}

@@ -1,4 +1,4 @@
-"""surgeon.ops and surgeon.fused: the one-pass shift-scale op (PyTorch path; the Triton path is checked by
+"""surgeon.ops and the fuse_relu pass: the one-pass shift-scale op (PyTorch path; the Triton path is checked by
 benchmarks/check_triton.py on a GPU, and here in Triton's interpreter by one slow test)."""
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import surgeon
-from surgeon import fused
-from surgeon.fused import ReLUShiftScale, fuse_relu, set_fused
-from surgeon.layers import MODES, ShiftScale
+from surgeon.layers import MODES, ReLUShiftScale, ShiftScale
 from surgeon.ops import fused as op
 from surgeon.ops import relu_shift_scale, shift_scale
+from surgeon.passes import fuse_relu, set_fused, unfuse_relu
 
 PAIRS = [(s, c) for s in MODES for c in MODES if (s, c) != ("none", "none")]
 # (name, shape, channel dim, memory format)
@@ -222,7 +221,7 @@ def test_insert_fused_records_and_matches():
     mods = surgeon.inserted_modules(fast)
     assert mods and all(m.fused for m in mods.values())
     assert not any(m.fused for m in surgeon.inserted_modules(plain).values())
-    assert fast.surgeon_record["passes"][-1]["fused"] is True
+    assert fast.surgeon_record.to_dict()["passes"][-1]["fused"] is True
     for p in fast.parameters():
         if p.dim() <= 1:
             with torch.no_grad():
@@ -245,18 +244,21 @@ def test_fuse_relu_pass():
     assert not any(isinstance(m, nn.ReLU) for m in merged.modules())
     assert "relu" not in merged.code.replace("ss_relu", "")
     assert list(merged.state_dict()) == list(gm.state_dict())
-    assert merged.surgeon_record["passes"] == [*gm.surgeon_record["passes"], {"name": "fuse_relu"}]
-    assert merged.surgeon_record["sites"] == gm.surgeon_record["sites"]
+    assert merged.surgeon_record.to_dict()["passes"] == [
+        *gm.surgeon_record.to_dict()["passes"],
+        {"name": "fuse_relu"},
+    ]
+    assert merged.surgeon_record.to_dict()["sites"] == gm.surgeon_record.to_dict()["sites"]
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(merged(x), gm(x))
-    back = fused.unfuse_relu(merged)
+    back = unfuse_relu(merged)
     assert not any(isinstance(m, ReLUShiftScale) for m in back.modules())
     torch.testing.assert_close(back(x), gm(x))
-    assert back.surgeon_record["passes"][-1] == {"name": "unfuse_relu"}
+    assert back.surgeon_record.to_dict()["passes"][-1] == {"name": "unfuse_relu"}
     plain = surgeon.strip(gm)
     for stripped in (surgeon.strip(back), surgeon.strip(merged)):  # the merged ReLU stays
         assert torch.equal(stripped(x), plain(x))
-        assert [p["name"] for p in stripped.surgeon_record["passes"]] == []
+        assert [p["name"] for p in stripped.surgeon_record.to_dict()["passes"]] == []
 
 
 def test_save_load_replays_fused(tmp_path):

@@ -112,7 +112,7 @@ def test_load_replays_batchnorm_and_eval_mode_passes(tmp_path, models_dir) -> No
     _perturb(gm)
     surgeon.save(gm, tmp_path / "m")
     loaded = surgeon.load(tmp_path / "m")
-    assert [p["traced_in"] for p in loaded.surgeon_record["passes"]] == ["eval", "eval"]
+    assert [p["traced_in"] for p in loaded.surgeon_record.to_dict()["passes"]] == ["eval", "eval"]
     assert "aux.weight" not in loaded.state_dict()
     x = torch.randn(4, 6)
     assert torch.equal(_outputs(loaded, x), _outputs(gm, x))
@@ -216,7 +216,7 @@ def test_saved_folder_is_self_describing(tmp_path) -> None:
     gm = surgeon.insert(surgeon.build_model("allconv", {"width": 0.25}), "layer", "layer")
     folder = surgeon.save(gm, tmp_path / "a" / "b")  # parents are created
     assert isinstance(folder, Path) and folder == tmp_path / "a" / "b"
-    assert sio.read_record(folder)["sites"][0]["module"] == "ss_x"
+    assert sio.read_record(folder).sites[0].module == "ss_x"
 
 
 class _TiedAndViews(nn.Module):

@@ -91,7 +91,7 @@ def test_identity_gradients_and_the_record(
 ) -> None:
     model = surgeon.build_model(str(model_path))
     gm = surgeon.insert(model, shift, scale)
-    rec = gm.surgeon_record
+    rec = gm.surgeon_record.to_dict()
     assert rec["method"] == "hybrid" and rec["passes"][-1]["method"] == "hybrid"
     assert [s["module"] for s in rec["sites"]] == [
         "ss_x", "ss_act", "block.act.ss", "block.mlp.1.ss",
@@ -116,7 +116,7 @@ def test_save_load_round_trip_replays_the_module_level_sites(model_path, tmp_pat
     x = torch.randn(2, 3, 8, 8)
     surgeon.save(gm, tmp_path / "saved")
     loaded = surgeon.load(tmp_path / "saved")
-    assert loaded.surgeon_record["method"] == "hybrid"
+    assert loaded.surgeon_record.to_dict()["method"] == "hybrid"
     assert list(surgeon.inserted_modules(loaded)) == list(surgeon.inserted_modules(gm))
     gm.eval()
     with torch.no_grad():
@@ -144,7 +144,7 @@ def test_deepcopy_and_strip(model_path, max_abs_diff) -> None:
 def test_a_class_named_with_leaf_stays_opaque(model_path) -> None:
     model = surgeon.build_model(str(model_path))
     gm = surgeon.insert(model, "layer", "layer", leaf=["HiddenActBlock"])
-    rec = gm.surgeon_record
+    rec = gm.surgeon_record.to_dict()
     assert rec["method"] == "fx"
     assert [s["name"] for s in rec["sites"]] == ["x", "act"]
     assert {u["name"] for u in rec["unreached"]} == {"block.act", "block.mlp.1", "block"}
@@ -153,7 +153,7 @@ def test_a_class_named_with_leaf_stays_opaque(model_path) -> None:
 
 def test_a_model_without_leaves_keeps_the_plain_fx_result() -> None:
     gm = surgeon.insert(surgeon.build_model("allconv", {"width": 0.25}), "layer", "layer")
-    rec = gm.surgeon_record
+    rec = gm.surgeon_record.to_dict()
     assert rec["method"] == "fx" and rec["unreached"] == []
     assert all("." not in s["name"] for s in rec["sites"])
 
@@ -162,7 +162,7 @@ def test_nfnet_blocks_are_traced_through() -> None:
     """timm's NormFreeBlock is a timm leaf; fx-surgeon traces into it (registry.TRACE_THROUGH)."""
     model = surgeon.build_model("timm:test_nfnet").eval()
     gm = surgeon.insert(model, "channel", "channel", input_size="3,32,32")
-    rec = gm.surgeon_record
+    rec = gm.surgeon_record.to_dict()
     inside = [s for s in rec["sites"] if s["name"].startswith("stages_")]
     assert rec["method"] == "fx" and len(inside) >= 8
     assert any("act1" in s["name"] for s in inside) and any("act3" in s["name"] for s in inside)
@@ -174,7 +174,7 @@ def test_nfnet_blocks_are_traced_through() -> None:
 def test_mobilevit_blocks_get_module_level_sites() -> None:
     model = surgeon.build_model("timm:mobilevit_xxs").eval()
     gm = surgeon.insert(model, "channel", "channel", input_size="3,64,64")
-    rec = gm.surgeon_record
+    rec = gm.surgeon_record.to_dict()
     inside = {s["name"]: s for s in rec["sites"] if s.get("extra", {}).get("method") == "module"}
     assert rec["method"] == "hybrid"
     assert inside["stages.2.1.transformer.0.mlp.act"]["channel_dim"] == 2  # (N, L, C) tokens

@@ -105,7 +105,7 @@ def test_inserted_modules_have_stable_names_and_follow_site_order(allconv) -> No
     names = list(surgeon.inserted_modules(a))
     assert names == list(surgeon.inserted_modules(b))
     assert names == ["ss_x"] + [f"ss_features_{i}" for i in (1, 3, 5, 8, 10, 12, 15, 17)]
-    sites = a.surgeon_record["sites"]
+    sites = a.surgeon_record.to_dict()["sites"]
     assert [s["module"] for s in sites] == names
     assert all(s["module"] == "ss_" + s["name"] for s in sites)
     assert list(a.state_dict()) == list(b.state_dict())
@@ -164,7 +164,7 @@ def test_the_result_lints_and_its_code_calls_the_inserted_modules(allconv) -> No
 
 def test_the_record_lists_the_pass_and_the_sites(allconv) -> None:
     gm = surgeon.insert(allconv, "channel", "none", exclude=["input"], input_size="3,32,32")
-    rec = gm.surgeon_record
+    rec = gm.surgeon_record.to_dict()
     assert rec["source"] == {"spec": "allconv", "args": {"width": 0.25}}
     (p,) = rec["passes"]
     assert {k: p[k] for k in ("name", "shift", "scale", "include", "exclude", "input_size",
@@ -187,7 +187,7 @@ def test_deepcopy_keeps_the_record(allconv) -> None:
 
 def test_no_modes_inserts_nothing(allconv) -> None:
     gm = surgeon.insert(allconv, "none", "none")
-    assert surgeon.inserted_modules(gm) == {} and gm.surgeon_record["sites"] == []
+    assert surgeon.inserted_modules(gm) == {} and gm.surgeon_record.to_dict()["sites"] == []
     assert not any(isinstance(m, ShiftScale) for m in gm.modules())
 
 
@@ -244,7 +244,10 @@ def test_strip_gives_back_the_original_computation(allconv, max_abs_diff, shift,
     plain = surgeon.strip(gm)
     assert not any(isinstance(m, ShiftScale) for m in plain.modules())
     assert surgeon.inserted_modules(plain) == {}
-    assert plain.surgeon_record["passes"] == [] and plain.surgeon_record["sites"] == []
+    assert (
+        plain.surgeon_record.to_dict()["passes"] == []
+        and plain.surgeon_record.to_dict()["sites"] == []
+    )
     assert set(plain.state_dict()) == set(allconv.state_dict())
     plain.graph.lint()
     assert max_abs_diff(allconv, plain, torch.randn(2, 3, 32, 32)) == 0.0
@@ -263,7 +266,7 @@ def test_strip_refuses_a_plain_module(allconv) -> None:
 def test_functional_dropout_follows_the_mode_at_run_time(forms, training: bool) -> None:
     model = forms.FunctionalDropout().train(training)
     gm = surgeon.insert(model, "layer", "layer")
-    assert "warnings" not in gm.surgeon_record
+    assert "warnings" not in gm.surgeon_record.to_dict()
     assert any(isinstance(m, nn.Dropout) for m in gm.modules())
     x = torch.randn(64, 6)
     gm.eval()
@@ -279,10 +282,10 @@ def test_functional_dropout_follows_the_mode_at_run_time(forms, training: bool) 
 def test_other_self_training_branches_are_reported(forms, max_abs_diff) -> None:
     model = forms.AuxHead()
     gm = surgeon.insert(model, "layer", "layer")
-    (warning,) = gm.surgeon_record["warnings"]
+    (warning,) = gm.surgeon_record.to_dict()["warnings"]
     assert "self.training" in warning and "train-mode" in warning and "--leaf" in warning
     eval_gm = surgeon.insert(model.eval(), "layer", "layer")
-    assert eval_gm.surgeon_record["passes"][0]["traced_in"] == "eval"
+    assert eval_gm.surgeon_record.to_dict()["passes"][0]["traced_in"] == "eval"
     assert max_abs_diff(model, eval_gm, torch.randn(3, 6)) == 0.0
 
 
@@ -330,7 +333,7 @@ def traces(monkeypatch):
 def test_one_trace_unless_a_module_reads_self_training(forms, traces) -> None:
     plain = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 2))
     gm = surgeon.insert(plain, "layer", "layer", input_size=(6,))
-    assert len(traces) == 1 and "warnings" not in gm.surgeon_record  # Dropout is a leaf
+    assert len(traces) == 1 and "warnings" not in gm.surgeon_record.to_dict()  # Dropout is a leaf
     traces.clear()
     surgeon.insert(forms.FunctionalDropout(), "layer", "layer")
     assert len(traces) == 2  # the root's forward reads self.training: the whole model again
@@ -342,7 +345,7 @@ def test_modules_that_read_self_training_are_traced_again_alone(traces) -> None:
 
     model = _Net()
     gm = surgeon.insert(model, "layer", "layer")
-    assert len(traces) == 1 and "warnings" not in gm.surgeon_record  # p = 0: either mode
+    assert len(traces) == 1 and "warnings" not in gm.surgeon_record.to_dict()  # p = 0: either mode
     # the replays leave nothing behind: the graph is the plain trace's, name for name
     plain = SurgeonTracer().trace(_Net())
     traced = surgeon.tracing.trace(model)
@@ -351,17 +354,17 @@ def test_modules_that_read_self_training_are_traced_again_alone(traces) -> None:
     ]
     traces.clear()
     dependent = surgeon.insert(_Net(p=0.5), "layer", "layer")
-    (warning,) = dependent.surgeon_record["warnings"]  # x * (1 - p) in train mode only
+    (warning,) = dependent.surgeon_record.to_dict()["warnings"]  # x * (1 - p) in train mode only
     assert "self.training" in warning and len(traces) == 1
     branch = surgeon.insert(_Net(branch=True).eval(), "layer", "layer")
-    assert branch.surgeon_record["warnings"] and len(traces) == 2
+    assert branch.surgeon_record.to_dict()["warnings"] and len(traces) == 2
 
 
 @pytest.mark.parametrize("training", [True, False])
 def test_functional_dropout_in_a_submodule_follows_the_mode(traces, training: bool) -> None:
     model = _Net(p=0.5, functional=True).train(training)
     gm = surgeon.insert(model, "layer", "layer")
-    assert len(traces) == 1 and "warnings" not in gm.surgeon_record
+    assert len(traces) == 1 and "warnings" not in gm.surgeon_record.to_dict()
     drops = [m for m in gm.modules() if isinstance(m, nn.Dropout)]
     assert len(drops) == 3  # a twice, b once
     x = torch.randn(64, 6)
@@ -376,9 +379,9 @@ def test_without_replays_the_whole_model_is_traced_again(traces, monkeypatch) ->
 
     monkeypatch.setattr(SurgeonTracer, "_can_replay", lambda self: False)  # another torch
     gm = surgeon.insert(_Net(p=0.5, functional=True), "layer", "layer")
-    assert len(traces) == 2 and "warnings" not in gm.surgeon_record
+    assert len(traces) == 2 and "warnings" not in gm.surgeon_record.to_dict()
     assert len([m for m in gm.modules() if isinstance(m, nn.Dropout)]) == 3
-    assert surgeon.insert(_Net(p=0.5), "layer", "layer").surgeon_record["warnings"]
+    assert surgeon.insert(_Net(p=0.5), "layer", "layer").surgeon_record.to_dict()["warnings"]
 
 
 def test_timm_attention_reads_dropout_rate_per_mode(traces) -> None:
@@ -387,11 +390,11 @@ def test_timm_attention_reads_dropout_rate_per_mode(traces) -> None:
     plain = timm.create_model("vit_tiny_patch16_224", num_classes=3, **kw)
     gm = surgeon.insert(plain, "layer", "layer", input_size=(3, 32, 32))
     assert len(traces) == 1  # only the attention modules read self.training: replayed alone
-    assert "warnings" not in gm.surgeon_record
+    assert "warnings" not in gm.surgeon_record.to_dict()
     traces.clear()
     dropping = timm.create_model("vit_tiny_patch16_224", num_classes=3, attn_drop_rate=0.1, **kw)
     gm = surgeon.insert(dropping.eval(), "layer", "layer", input_size=(3, 32, 32))
-    assert gm.surgeon_record["warnings"]  # sdpa's dropout_p is 0.1 in train mode only
+    assert gm.surgeon_record.to_dict()["warnings"]  # sdpa's dropout_p is 0.1 in train mode only
 
 
 def test_watch_training_records_reads_and_restores_classes() -> None:
@@ -446,7 +449,7 @@ def test_drop_path_and_stochastic_depth_are_leaves() -> None:
     gm = surgeon.insert(Residual(), "layer", "layer")
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     assert {"dp", "sd"} <= called
-    assert "warnings" not in gm.surgeon_record
+    assert "warnings" not in gm.surgeon_record.to_dict()
 
 
 # ---------------------------------------------------------------- batchnorm pass
@@ -455,12 +458,15 @@ def test_drop_path_and_stochastic_depth_are_leaves() -> None:
 def test_insert_batchnorm_before_each_activation(forms) -> None:
     model = forms.ConvNeXtBlock()
     gm = surgeon.insert_batchnorm(model)
-    assert gm.surgeon_record["batchnorm"] == ["bn_act"]
+    assert gm.surgeon_record.to_dict()["batchnorm"] == ["bn_act"]
     assert gm.bn_act.num_features == 16 and gm.bn_act.channel_dim == 3
     nodes = {n.name: n for n in gm.graph.nodes}
     assert nodes["act"].args[0].target == "bn_act"
     both = surgeon.insert(gm, "channel", "channel")
-    assert [p["name"] for p in both.surgeon_record["passes"]] == ["batchnorm", "shift_scale"]
+    assert [p["name"] for p in both.surgeon_record.to_dict()["passes"]] == [
+        "batchnorm",
+        "shift_scale",
+    ]
     gm.graph.lint()
     assert gm(torch.randn(2, 3, 6, 6)).shape == (2, 2)
 

@@ -64,7 +64,7 @@ def test_resnets_function_equal_in_eval_mode(spec):
     n = len(batchnorms(base))
     out = surgeon.replace_norm(base, input_size=size)
     assert not batchnorms(out)
-    assert len(out.surgeon_record["replace_norm"]["replaced"]) == n
+    assert len(out.surgeon_record.to_dict()["replace_norm"]["replaced"]) == n
     assert sum(isinstance(m, ShiftScale) for m in out.modules()) == n
     assert not any("running" in k for k in out.state_dict())  # no batch statistics left
     check_equal_in_eval(base, out, size)
@@ -141,7 +141,7 @@ def test_save_load_insert_and_fold(tmp_path):
     back = surgeon.load(tmp_path / "rn")
     check_equal_in_eval(base, back, size)
     folded, report = surgeon.fold(back)
-    replaced = set(back.surgeon_record["replace_norm"]["replaced"])
+    replaced = set(back.surgeon_record.to_dict()["replace_norm"]["replaced"])
     into = {e.module: e for e in report.entries}
     assert all(into[m].action == "folded" and into[m].direction == "preceding" for m in replaced)
     check_equal_in_eval(base, folded, size)

@@ -472,7 +472,7 @@ def test_snapshots_and_saved_model(probed, data):
 def test_probe_rows(probed):
     _, trainer, _, out = probed
     probes = rows(out, "probe")
-    sites = {s["name"] for s in trainer.model.surgeon_record["sites"]}
+    sites = {s["name"] for s in trainer.model.surgeon_record.to_dict()["sites"]}
     assert sites == {"x", "layers_3"}  # the input and the hidden activation
     for epoch in range(3):
         got = [r for r in probes if r["epoch"] == epoch]

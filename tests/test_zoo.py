@@ -21,8 +21,8 @@ import torch
 from torch import fx, nn
 
 import surgeon
-from surgeon.coverage import compare, count_activation_calls
 from surgeon.layers import MODES
+from surgeon.recall import compare, count_activation_calls
 
 pytestmark = pytest.mark.usefixtures("seeded", "one_thread")
 
@@ -121,7 +121,7 @@ def test_identity_gradients_and_shapes(
     gm = surgeon.insert(model, shift, scale, input_size=list(size))
     if isinstance(gm, fx.GraphModule):
         gm.graph.lint()
-    sites = gm.surgeon_record["sites"]
+    sites = gm.surgeon_record.to_dict()["sites"]
     mods = surgeon.inserted_modules(gm)
     if shift == scale == "none":
         assert mods == {}
@@ -161,7 +161,7 @@ def test_sites_match_the_activation_calls_the_model_makes(spec, args, size) -> N
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         gm = surgeon.insert(model, "layer", "layer", input_size=list(size))
-    record = gm.surgeon_record
+    record = gm.surgeon_record.to_dict()
     assert record["method"] == METHOD.get(spec, "fx")
     cov = compare(record, count_activation_calls(model, torch.randn(2, *size)))
     assert cov.unexplained == {}
@@ -192,7 +192,7 @@ def test_save_load_round_trip(spec, tmp_path) -> None:
     gm.eval()
     surgeon.save(gm, tmp_path / "m")
     loaded = surgeon.load(tmp_path / "m")
-    assert loaded.surgeon_record["sites"] == gm.surgeon_record["sites"]
+    assert loaded.surgeon_record.to_dict()["sites"] == gm.surgeon_record.to_dict()["sites"]
     x = torch.randn(2, *size)
     with torch.no_grad():
         assert torch.equal(loaded(x), gm(x))

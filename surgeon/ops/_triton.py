@@ -1,4 +1,4 @@
-"""Triton kernels of the fused shift-scale (:mod:`surgeon.fused`); imported only when used.
+"""Triton kernels of the fused shift-scale (:mod:`surgeon.ops.fused`); imported only when used.
 
 Every kernel reads the activation as a flat buffer in memory order, so any dense layout
 works (NCHW, channels-last, (N, C), (N, L, C)). A parameter's index at flat offset ``f`` is

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..discover import analyse
 from ..errors import TrainError
 from ..layers import ChannelBatchNorm, ShiftScale
-from ..passes import analyse
 
 
 def _weight_module(node: fx.Node, gm: fx.GraphModule) -> str | None:

@@ -23,8 +23,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import registry
-from .modsites import activation_target
-from .sites import _describe
+from .observer import activation_target
+from .sites import describe
 
 FINAL_REASON = "final (reaches the output without a parametrised layer)"
 
@@ -76,7 +76,7 @@ def count_activation_calls(model: nn.Module, *inputs: Any) -> Counter[str]:
         for m in model.modules():
             if registry.lookup_module(m) is None:
                 continue
-            handles.append(m.register_forward_pre_hook(calls.pre(_describe(type(m)))))
+            handles.append(m.register_forward_pre_hook(calls.pre(describe(type(m)))))
             handles.append(m.register_forward_hook(calls.post, always_call=True))
         with torch.no_grad(), _Mode(calls):
             model(*inputs)

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import torch
 from torch import fx, nn
 
-from . import shapes
-from .errors import SurgeryError
-from .layers import ChannelBatchNorm, ShiftScale
-from .passes import _device_of, _finish, _record, _warn_mode, analyse
+from .. import shapes
+from ..attach import device_of, free_path, insert_after
+from ..discover import analyse
+from ..errors import SurgeryError
+from ..layers import ChannelBatchNorm, make_shift_scale
+from ..record import PassEntry, SurgeryRecord, finish, register_pass
 
 _PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, ChannelBatchNorm)
 
@@ -83,6 +84,12 @@ def _check(name: str, bn: nn.Module) -> None:
         )
 
 
+def _replay(model: nn.Module, p: PassEntry) -> fx.GraphModule:
+    # shapes from the graph, values from the saved weights
+    return replace_norm(model, **p.pick("input_size", "leaf"), from_stats=False)
+
+
+@register_pass("replace_norm", replay=_replay)
 def replace_norm(
     model: nn.Module,
     *,
@@ -96,7 +103,7 @@ def replace_norm(
     With ``from_stats=False`` the modules start at identity (used when a saved model is
     rebuilt: its values come from the saved weights).
     """
-    record = _record(model)
+    record = SurgeryRecord.of(model)
     a = analyse(model, input_size=input_size, leaf=leaf)
     gm = a.gm
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
@@ -118,63 +125,35 @@ def replace_norm(
         if from_stats:
             _check(node.target, mod)
         todo.append((node, mod, kind))
-    device = _device_of(gm)
+    device = device_of(gm)
     replaced = []
     for node, bn, kind in todo:  # all checks passed: change the graph
         shape = shapes.node_shape(node.args[0])
         cdim = int(getattr(bn, "channel_dim", 1))
-        ss = ShiftScale("channel", "channel", shape[1:], cdim).to(device)
+        values = None
         if from_stats:
             shift, scale = shift_scale_of(bn)
-            with torch.no_grad():
-                ss.shift.copy_(shift.float())
-                ss.scale.copy_(scale.float())
+            values = {"shift": shift.float(), "scale": scale.float()}
+        ss = make_shift_scale("channel", "channel", shape[1:], cdim, device=device, values=values)
         gm.add_submodule(node.target, ss)  # the same name: the weights keep their keys
         if kind == "bn_act":
             _split_norm_act(gm, node, bn)
         replaced.append(node.target)
-    record["passes"].append(
-        {
-            "name": "replace_norm",
-            "input_size": list(a.input_size),
-            "leaf": a.leaf,
-            "traced_in": "train" if model.training else "eval",
-        }
+    traced_in = "train" if model.training else "eval"
+    record.passes.append(
+        PassEntry(
+            "replace_norm",
+            {"input_size": list(a.input_size), "leaf": a.leaf, "traced_in": traced_in},
+        )
     )
-    record["replace_norm"] = {"replaced": replaced, "skipped": skipped}
-    _warn_mode(gm, record)
-    return _finish(gm, record, model.training)
+    record.replace_norm = {"replaced": replaced, "skipped": skipped}
+    return finish(gm, record, model.training)
 
 
 def _split_norm_act(gm: fx.GraphModule, node: fx.Node, bn: nn.Module) -> None:
     """After the shift/scale that replaced a BatchNormAct2d, call its dropout and activation."""
     last = node
-    base = node.target
     for part in ("drop", "act"):
         mod = getattr(bn, part, None)
-        if mod is None or isinstance(mod, nn.Identity):
-            continue
-        name, i = f"{base}_{part}", 1
-        while _exists(gm, name):
-            name, i = f"{base}_{part}_{i}", i + 1
-        gm.add_submodule(name, mod)
-        with gm.graph.inserting_after(last):
-            new = gm.graph.call_module(name, (last,))
-        for user in list(last.users):
-            if user is not new:
-                user.replace_input_with(last, new)
-        last = new
-
-
-def _exists(gm: fx.GraphModule, name: str) -> bool:
-    try:
-        gm.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
-
-
-def replaced_modules(model: nn.Module) -> list[str]:
-    """Names of the shift/scale modules that replaced a BatchNorm."""
-    rec: dict[str, Any] = getattr(model, "surgeon_record", None) or {}
-    return list((rec.get("replace_norm") or {}).get("replaced", []))
+        if mod is not None and not isinstance(mod, nn.Identity):
+            last = insert_after(gm, last, free_path(gm, f"{node.target}_{part}"), mod)

@@ -14,31 +14,11 @@ import copy
 import torch
 from torch import fx, nn
 
-from .layers import ShiftScale
-from .ops import shift_scale
+from ..attach import set_submodule
+from ..layers import ReLUShiftScale, ShiftScale
+from ..record import PassEntry, SurgeryRecord, finish, register_pass
 
-
-class ReLUShiftScale(ShiftScale):
-    """``y = (relu(x) + shift) * scale``: a ReLU merged into the shift-scale after it.
-
-    Same parameters (and state-dict keys) as the :class:`ShiftScale` it replaces; made by
-    :func:`fuse_relu`, undone by :func:`unfuse_relu`.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused:
-            return super().forward(torch.relu(x))
-        return shift_scale(
-            x, self.shift, self.scale, self.shift_mode, self.scale_mode, self.channel_dim, True
-        )
-
-    @classmethod
-    def from_module(cls, m: ShiftScale) -> ReLUShiftScale:
-        """A ReLU + ``m`` module sharing ``m``'s parameters; fused."""
-        return _rebuild(cls, m, fused=True)
-
-    def extra_repr(self) -> str:
-        return "relu, " + super().extra_repr()
+__all__ = ["ReLUShiftScale", "fuse_relu", "set_fused", "unfuse_relu"]
 
 
 def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
@@ -77,21 +57,13 @@ def _relu_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     return src
 
 
-def _finish(gm: fx.GraphModule, model: fx.GraphModule, name: str) -> fx.GraphModule:
-    """Recompile; record the pass (``surgeon.load`` replays it) when the model has a record."""
-    from .tracing import set_preserved
-
-    gm.graph.lint()
-    gm.recompile()
-    gm.train(model.training)
-    rec = getattr(model, "surgeon_record", None)
-    if rec is not None:
-        rec = copy.deepcopy(rec)
-        rec.setdefault("passes", []).append({"name": name})
-        set_preserved(gm, "surgeon_record", rec)
-    return gm
+def _finish(gm: fx.GraphModule, model: nn.Module, name: str) -> fx.GraphModule:
+    record = SurgeryRecord.of(model)
+    record.passes.append(PassEntry(name))
+    return finish(gm, record, model.training)
 
 
+@register_pass("fuse_relu", replay=lambda model, entry: fuse_relu(model))
 def fuse_relu(model: fx.GraphModule) -> fx.GraphModule:
     """Merge each ReLU whose only user is a :class:`ShiftScale` into one
     :class:`ReLUShiftScale` (same module name and parameters), on a copy.
@@ -112,7 +84,7 @@ def fuse_relu(model: fx.GraphModule) -> fx.GraphModule:
         src = _relu_input(relu, gm)
         if src is None:
             continue
-        _set_submodule(gm, node.target, ReLUShiftScale.from_module(mod))
+        set_submodule(gm, node.target, ReLUShiftScale.from_module(mod))
         node.replace_input_with(relu, src)
         gm.graph.erase_node(relu)
         if relu.op == "call_module" and not any(
@@ -122,6 +94,7 @@ def fuse_relu(model: fx.GraphModule) -> fx.GraphModule:
     return _finish(gm, model, "fuse_relu")
 
 
+@register_pass("unfuse_relu", replay=lambda model, entry: unfuse_relu(model))
 def unfuse_relu(model: fx.GraphModule) -> fx.GraphModule:
     """Split each :class:`ReLUShiftScale` back into ``torch.relu`` + :class:`ShiftScale`."""
     gm = copy.deepcopy(model)
@@ -131,22 +104,9 @@ def unfuse_relu(model: fx.GraphModule) -> fx.GraphModule:
         mod = gm.get_submodule(node.target)
         if not isinstance(mod, ReLUShiftScale):
             continue
-        plain = _rebuild(ShiftScale, mod, fused=mod.fused)
-        _set_submodule(gm, node.target, plain)
+        plain = mod.rebuilt_as(ShiftScale, fused=mod.fused)
+        set_submodule(gm, node.target, plain)
         with gm.graph.inserting_before(node):
             relu = gm.graph.call_function(torch.relu, (node.args[0],))
         node.replace_input_with(node.args[0], relu)
     return _finish(gm, model, "unfuse_relu")
-
-
-def _rebuild(cls: type, m: ShiftScale, fused: bool) -> ShiftScale:
-    """A ``cls`` module with ``m``'s modes and the very same parameters."""
-    new = cls(m.shift_mode, m.scale_mode, m.feature_shape, m.channel_dim, fused=fused)
-    new.register_parameter("shift", m.shift)
-    new.register_parameter("scale", m.scale)
-    return new.train(m.training)
-
-
-def _set_submodule(gm: nn.Module, target: str, module: nn.Module) -> None:
-    parent, _, name = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, module)

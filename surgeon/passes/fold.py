@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from . import shapes
-from .errors import SurgeryError
-from .layers import ChannelBatchNorm, ShiftScale
-from .report_insert import max_abs_diff_at_init
-from .tracing import set_preserved
+from .. import shapes
+from ..errors import SurgeryError
+from ..layers import ChannelBatchNorm, ShiftScale, make_shift_scale
+from ..record import PassEntry, SurgeryRecord, finish, register_pass
+from ..verify import max_abs_diff_at_init
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -408,12 +408,11 @@ def _remove(gm: fx.GraphModule, node: fx.Node) -> None:
     gm.delete_submodule(node.target)
 
 
-def _input_size(rec: dict[str, Any], input_size: Sequence[int] | None) -> tuple[int, ...]:
+def _input_size(rec: SurgeryRecord, input_size: Sequence[int] | None) -> tuple[int, ...]:
     if input_size is not None:
         return tuple(int(s) for s in input_size)
-    for p in reversed(rec.get("passes", [])):
-        if p.get("input_size"):
-            return tuple(int(s) for s in p["input_size"])
+    if rec.input_size():
+        return rec.input_size()
     raise SurgeryError(
         "fold needs the model's input size", hint="pass input_size=(C, H, W) to surgeon.fold"
     )
@@ -429,6 +428,12 @@ def _check_finite(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
                 )
 
 
+def _replay(model: nn.Module, p: PassEntry) -> fx.GraphModule:
+    # the fold's structure depends on the graph alone; the values come from the weights
+    return fold(model, input_size=p.input_size, check=False)[0]
+
+
+@register_pass("fold", replay=_replay)
 def fold(
     model: nn.Module,
     *,
@@ -447,7 +452,7 @@ def fold(
             "fold needs a surgered GraphModule",
             hint="pass the model surgeon.insert() or surgeon.replace_norm() returned, or surgeon.load(folder)",
         )
-    rec = copy.deepcopy(getattr(model, "surgeon_record", None) or {"passes": [], "sites": []})
+    rec = SurgeryRecord.of(model)
     if example_inputs is not None and input_size is None:
         inputs = tuple(example_inputs)
         size = tuple(int(d) for d in inputs[0].shape[1:])
@@ -468,10 +473,7 @@ def fold(
     for node in nodes:
         entries.append(_fold_one(gm, node, calls[node.target]))
     _update_record(rec, entries, size)
-    gm.graph.lint()
-    gm.recompile()
-    set_preserved(gm, "surgeon_record", rec)
-    gm.train(model.training)
+    finish(gm, rec, model.training)
     report = FoldReport(entries, before, sum(1 for _ in gm.modules()))
     if check:
         report.max_abs_diff = max_abs_diff_at_init(model, gm, inputs)
@@ -538,28 +540,28 @@ def _fold_one(gm: fx.GraphModule, node: fx.Node, calls: int) -> FoldEntry:
         entry.action = "folded"
         return entry
     # the scale moved into the following layers; a shift-only module stays
-    rest = ShiftScale(ss.shift_mode, "none", ss.feature_shape, ss.channel_dim, fused=ss.fused)
-    rest = rest.to(ss.shift.device)
-    with torch.no_grad():
-        rest.shift.copy_(ss.shift)
+    rest = make_shift_scale(
+        ss.shift_mode, "none", ss.feature_shape, ss.channel_dim, fused=ss.fused,
+        device=ss.shift.device, values={"shift": ss.shift},
+    )  # fmt: skip
     gm.add_submodule(node.target, rest)
     entry.action, entry.reason = "scale folded", f"shift kept: {shift_block}"
     return entry
 
 
-def _update_record(rec: dict[str, Any], entries: list[FoldEntry], size: tuple[int, ...]) -> None:
-    rec.setdefault("passes", []).append({"name": "fold", "input_size": list(size)})
+def _update_record(rec: SurgeryRecord, entries: list[FoldEntry], size: tuple[int, ...]) -> None:
+    rec.passes.append(PassEntry("fold", {"input_size": list(size)}))
     by_module = {e.module: e for e in entries}
-    for site in rec.get("sites", []):
-        e = by_module.get(site.get("module"))
+    for site in rec.sites:
+        e = by_module.get(site.module)
         if e is None:
             continue
         if e.action == "folded":
-            site["module"] = ""
-            site["folded_into"] = e.into
+            site.module = ""
+            site.folded_into = list(e.into)
         elif e.action == "scale folded":
-            site["scale_folded_into"] = e.into
-    rec["fold"] = {
+            site.scale_folded_into = list(e.into)
+    rec.fold = {
         "folded": [e.module for e in entries if e.action == "folded"],
         "scale_folded": [e.module for e in entries if e.action == "scale folded"],
         "kept": [e.module for e in entries if e.action == "kept"],

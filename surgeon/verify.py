@@ -1,0 +1,40 @@
+"""Checking that a pass kept the model's function: max |Δoutput| on the same inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def max_abs_diff_at_init(base: nn.Module, gm: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
+    """max |base(x) - gm(x)| in fp32 eval mode on ``inputs`` (0.0 means exact identity)."""
+    was = base.training, gm.training
+    base.eval()
+    gm.eval()
+    try:
+        a, b = base(*inputs), gm(*inputs)
+    finally:
+        base.train(was[0])
+        gm.train(was[1])
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    if len(flat_a) != len(flat_b):
+        return float("inf")
+    diffs = [
+        (x.float() - y.float()).abs().max().item()
+        for x, y in zip(flat_a, flat_b, strict=True)
+        if x.numel()
+    ]
+    return max(diffs, default=0.0)
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flatten(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flatten(v)]
+    return []
