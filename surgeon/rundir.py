@@ -45,6 +45,21 @@ SUMMARY_FIELDS = (
 )  # fmt: skip
 
 
+def variant_name(norm: str, shift: str, scale: str) -> str:
+    """``plain``, ``batchnorm``, ``shift-layer+scale-layer``, ``batchnorm+scale-channel``..."""
+    parts = ["batchnorm"] if norm == "batchnorm" else []
+    if shift != "none":
+        parts.append(f"shift-{shift}")
+    if scale != "none":
+        parts.append(f"scale-{scale}")
+    return "+".join(parts) or "plain"
+
+
+def run_name(variant: str, lr: float, seed: int) -> str:
+    """A run folder's default name: ``shift-layer+scale-layer_lr0.04_s0``."""
+    return f"{variant}_lr{lr:g}_s{seed}"
+
+
 def snapshot_path(run: Path, epoch: int) -> Path:
     return Path(run) / SNAPSHOTS_DIR / f"epoch_{epoch:04d}.safetensors"
 
@@ -149,13 +164,15 @@ def list_snapshots(run: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def latest_checkpoint(folder: Path, *, scan: bool = False) -> Path | None:
+def latest_checkpoint(
+    folder: Path, *, scan: bool = False, error: type[SurgeonError] = SurgeonError
+) -> Path | None:
     """The checkpoint ``checkpoints/latest.json`` points at (complete by construction); with
     ``scan``, else the newest ``step_*`` folder that holds weights."""
     folder = Path(folder)
     pointer = folder / LATEST_FILE
     if pointer.is_file():
-        name = read_json(pointer, "checkpoint pointer").get("checkpoint")
+        name = read_json(pointer, "checkpoint pointer", error).get("checkpoint")
         if name and (folder / str(name) / WEIGHTS_FILE).is_file():
             return folder / str(name)
     if not scan:

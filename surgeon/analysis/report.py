@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..io import write_json_atomic
+from ..rundir import write_json_atomic
 from .plots import colors, figure, label_inches, save, slug
 from .runs import Run, load_runs
 from .stats import jsonable

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import rundir
 from ..errors import AnalysisError
-from .targets import RECORD_FILE, read_json
+from ..rundir import RECORD_FILE, is_run_folder, read_metrics
 
-RUN_FILES = ("metrics.jsonl", "summary.json", "config.json")
-SKIP_DIRS = {"snapshots", "checkpoints"}
+__all__ = ["Run", "find_runs", "is_run_folder", "load_run", "load_runs", "read_metrics"]
 
 
 @dataclass
@@ -71,42 +71,6 @@ class Run:
         return out
 
 
-def is_run(folder: Path) -> bool:
-    return folder.is_dir() and any((folder / f).is_file() for f in RUN_FILES)
-
-
-def read_metrics(path: Path) -> tuple[list[dict], list[dict], list[dict], list[str]]:
-    """``(steps, epochs, probes, warnings)`` from ``metrics.jsonl``; a damaged line (a run
-    killed mid-write) is skipped with a warning."""
-    steps, epochs, probes, warnings = [], [], [], []
-    if not path.is_file():
-        return steps, epochs, probes, [f"{path.parent.name}: no metrics.jsonl"]
-    bad = 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if not isinstance(row, dict):
-            bad += 1
-            continue
-        kind = row.get("type")
-        if kind == "step":
-            steps.append(row)
-        elif kind == "epoch":
-            epochs.append(row)
-        elif kind == "probe":
-            probes.append(row)
-    if bad:
-        warnings.append(f"{path}: skipped {bad} damaged line(s)")
-    steps.sort(key=lambda r: r.get("step", 0))
-    epochs.sort(key=lambda r: r.get("epoch", 0))
-    return steps, epochs, probes, warnings
-
-
 def _summary_from_metrics(
     config: dict[str, Any], epochs: list[dict[str, Any]], name: str
 ) -> dict[str, Any]:
@@ -131,15 +95,10 @@ def _summary_from_metrics(
 def load_run(folder: Path, experiment: str = "") -> Run:
     """Read one run folder."""
     folder = Path(folder)
-    config = (
-        read_json(folder / "config.json", "run config")
-        if (folder / "config.json").is_file()
-        else {}
-    )
-    steps, epochs, probes, warnings = read_metrics(folder / "metrics.jsonl")
-    if (folder / "summary.json").is_file():
-        summary = read_json(folder / "summary.json", "run summary")
-    else:
+    config = rundir.read_config(folder, AnalysisError)
+    steps, epochs, probes, warnings = read_metrics(folder)
+    summary = rundir.read_summary(folder, AnalysisError)
+    if summary is None:
         summary = _summary_from_metrics(config, epochs, folder.name)
     sites: list[str] = []
     if (folder / RECORD_FILE).is_file():
@@ -151,26 +110,6 @@ def load_run(folder: Path, experiment: str = "") -> Run:
     return Run(folder, experiment, config, summary, steps, epochs, probes, sites, warnings)
 
 
-def _experiment_name(folder: Path) -> str:
-    results = folder / "results.json"
-    if results.is_file():
-        try:
-            name = json.loads(results.read_text()).get("recipe")
-            if name:
-                return str(name)
-        except (json.JSONDecodeError, AttributeError):
-            pass
-    return folder.name
-
-
-def _children(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and p.name not in SKIP_DIRS
-    )
-
-
 def find_runs(folder: Path) -> list[tuple[Path, str]]:
     """``(run folder, experiment)`` under ``folder``: the folder itself if it is a run, else
     the runs of a recipe folder, or of a folder of recipe folders."""
@@ -180,21 +119,14 @@ def find_runs(folder: Path) -> list[tuple[Path, str]]:
             f"{folder} does not exist",
             hint="pass a run folder or a recipe folder written by `surgeon train --out`",
         )
-    if is_run(folder):
-        config = folder / "config.json"
-        recipe = read_json(config, "run config").get("recipe") if config.is_file() else None
+    if is_run_folder(folder):
+        recipe = rundir.read_config(folder, AnalysisError).get("recipe")
         return [(folder, str(recipe or ""))]
     if not folder.is_dir():
         raise AnalysisError(
             f"{folder} is not a folder", hint="pass a run folder or a recipe folder"
         )
-    found = []
-    for sub in _children(folder):
-        if is_run(sub):
-            found.append((sub, _experiment_name(folder)))
-        else:
-            found += [(run, _experiment_name(sub)) for run in _children(sub) if is_run(run)]
-    return found
+    return list(rundir.iter_runs(folder))
 
 
 def load_runs(folders: list[Path]) -> list[Run]:

@@ -14,7 +14,6 @@ modes) plus the shift/scale tensors read with ``safetensors``. A target can be
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from .. import rundir
 from ..errors import AnalysisError
+from ..rundir import RECORD_FILE, SNAPSHOT_RE, WEIGHTS_FILE, list_snapshots, variant_name
 
-RECORD_FILE = "surgery.json"
-WEIGHTS_FILE = "model.safetensors"
-SNAPSHOT_RE = re.compile(r"epoch_(\d+)\.safetensors$")
 PARAMS = ("shift", "scale")
 
 
@@ -62,7 +60,8 @@ class Target:
         if self.config.get("variant"):
             return str(self.config["variant"])
         batchnorm = any(p.get("name") == "batchnorm" for p in self.record.get("passes", []))
-        return variant_name(batchnorm, self.modes["shift"], self.modes["scale"])
+        norm = "batchnorm" if batchnorm else "none"
+        return variant_name(norm, self.modes["shift"], self.modes["scale"])
 
     @property
     def model_id(self) -> str:
@@ -107,47 +106,6 @@ class Target:
         }
 
 
-def variant_name(batchnorm: bool, shift: str, scale: str) -> str:
-    """``plain``, ``batchnorm``, ``shift-layer+scale-layer``... (as ``surgeon train`` names them)."""
-    parts = ["batchnorm"] if batchnorm else []
-    parts += [f"{p}-{m}" for p, m in (("shift", shift), ("scale", scale)) if m != "none"]
-    return "+".join(parts) or "plain"
-
-
-def list_snapshots(run_dir: Path) -> list[tuple[int, Path]]:
-    folder = Path(run_dir) / "snapshots"
-    if not folder.is_dir():
-        return []
-    out = []
-    for p in folder.iterdir():
-        m = SNAPSHOT_RE.fullmatch(p.name)
-        if m and p.is_file():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise AnalysisError(
-            f"{path} is not valid JSON ({exc})", hint=f"the {what} is damaged"
-        ) from exc
-    if not isinstance(obj, dict):
-        raise AnalysisError(f"{path} does not hold a JSON object", hint=f"the {what} is damaged")
-    return obj
-
-
-def _read_record(folder: Path) -> dict[str, Any]:
-    rec = read_json(folder / RECORD_FILE, "saved model")
-    if rec.get("format") != "fx-surgeon":
-        raise AnalysisError(
-            f"{folder / RECORD_FILE} was not written by fx-surgeon",
-            hint="point at a run folder or a folder written by `surgeon insert -o`",
-        )
-    return rec
-
-
 def _owner(path: Path, levels: int = 3) -> Path | None:
     """The nearest folder at or above ``path`` (up to ``levels`` up) holding ``surgery.json``."""
     p = path if path.is_dir() else path.parent
@@ -158,16 +116,6 @@ def _owner(path: Path, levels: int = 3) -> Path | None:
             break
         p = p.parent
     return None
-
-
-def _latest_checkpoint(folder: Path) -> Path | None:
-    pointer = folder / "latest.json"
-    if pointer.is_file():
-        name = read_json(pointer, "checkpoint pointer").get("checkpoint")
-        if name and (folder / str(name) / WEIGHTS_FILE).is_file():
-            return folder / str(name)
-    steps = sorted(p for p in folder.glob("step_*") if (p / WEIGHTS_FILE).is_file())
-    return steps[-1] if steps else None
 
 
 def read_params(weights: Path, sites: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -228,10 +176,13 @@ def load_target(path: str | Path) -> Target:
     kind, epoch = "model", None
     if path.is_dir() and (path / RECORD_FILE).is_file():
         owner, weights = path, path / WEIGHTS_FILE
-        is_run = (path / "config.json").is_file() or (path / "metrics.jsonl").is_file()
-        kind = "run" if is_run else "model"
+        kind = "run" if rundir.is_run_folder(path) else "model"
     elif path.is_dir():
-        ckpt = path if (path / WEIGHTS_FILE).is_file() else _latest_checkpoint(path)
+        ckpt = (
+            path
+            if (path / WEIGHTS_FILE).is_file()
+            else rundir.latest_checkpoint(path, scan=True, error=AnalysisError)
+        )
         owner = _owner(path)
         if ckpt is None or owner is None:
             raise AnalysisError(
@@ -247,7 +198,7 @@ def load_target(path: str | Path) -> Target:
                 hint="a single .safetensors file is read with the record of the run it belongs to; keep it inside its run folder",
             )
         m = SNAPSHOT_RE.fullmatch(path.name)
-        if m and path.parent.name == "snapshots":
+        if m and path.parent.name == rundir.SNAPSHOTS_DIR:
             kind, epoch = "snapshot", int(m.group(1))
         elif path.resolve() != (owner / WEIGHTS_FILE).resolve():
             kind = "checkpoint"
@@ -258,11 +209,9 @@ def load_target(path: str | Path) -> Target:
         )
     if not weights.is_file():
         raise AnalysisError(f"{owner} has no {WEIGHTS_FILE}", hint="the run or save did not finish")
-    record = _read_record(owner)
-    config = (
-        read_json(owner / "config.json", "run config") if (owner / "config.json").is_file() else {}
-    )
-    run_dir = owner if (config or (owner / "snapshots").is_dir()) else None
+    record = rundir.read_record(owner, AnalysisError)
+    config = rundir.read_config(owner, AnalysisError)
+    run_dir = owner if (config or (owner / rundir.SNAPSHOTS_DIR).is_dir()) else None
     if kind == "model" and run_dir is not None:
         kind = "run"
     base = str(config.get("name") or owner.name)

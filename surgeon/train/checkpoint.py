@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import rundir
 from ..errors import TrainError
-from ..io import write_json_atomic
+from ..rundir import write_json_atomic
 
 KEEP = 2  # complete checkpoints kept on disk
 
@@ -37,7 +38,7 @@ def save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".step_*"):  # a write cut short by a killed process
         shutil.rmtree(stale, ignore_errors=True)
-    name = f"step_{state['step']:08d}"
+    name = rundir.checkpoint_name(state["step"])
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{name}."))
     names = {id(p): n for n, p in model.named_parameters()}
     tensors: dict[str, torch.Tensor] = {}
@@ -51,9 +52,9 @@ def save_checkpoint(
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
     try:
-        save_file(_state_dict(model), str(tmp / "model.safetensors"))
-        save_file(tensors, str(tmp / "optim.safetensors"))
-        write_json_atomic(tmp / "state.json", state)
+        save_file(_state_dict(model), str(tmp / rundir.WEIGHTS_FILE))
+        save_file(tensors, str(tmp / rundir.OPTIM_FILE))
+        write_json_atomic(tmp / rundir.STATE_FILE, state)
         final = folder / name
         if final.exists():
             shutil.rmtree(final)
@@ -61,31 +62,23 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_json_atomic(folder / "latest.json", {"checkpoint": name, "step": state["step"]})
+    write_json_atomic(folder / rundir.LATEST_FILE, {"checkpoint": name, "step": state["step"]})
     old = sorted(p for p in folder.glob("step_*") if p.is_dir() and p.name != name)
     for p in old[: max(len(old) - (KEEP - 1), 0)]:
         shutil.rmtree(p, ignore_errors=True)
     return final
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    pointer = folder / "latest.json"
-    if not pointer.is_file():
-        return None
-    path = folder / json.loads(pointer.read_text())["checkpoint"]
-    return path if path.is_dir() else None
-
-
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model, optimiser momentum and RNG states; return ``state.json``."""
-    weights = load_file(str(path / "model.safetensors"))
+    weights = load_file(str(path / rundir.WEIGHTS_FILE))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise TrainError(
             f"checkpoint {path} does not match the model ({len(missing)} missing, {len(unexpected)} unexpected keys)",
             hint="resume with the same code and config that wrote it",
         )
-    tensors = load_file(str(path / "optim.safetensors"))
+    tensors = load_file(str(path / rundir.OPTIM_FILE))
     params = dict(model.named_parameters())
     for key, buf in tensors.items():
         if key.startswith("momentum."):
@@ -95,4 +88,4 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) ->
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    return json.loads((path / "state.json").read_text())
+    return json.loads((path / rundir.STATE_FILE).read_text())

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import TrainError
 from ..modes import MODES
+from ..rundir import run_name, variant_name
 
 SCHEDULES = ("constant", "cosine", "step")
 PRECISIONS = ("fp32", "bf16")
@@ -196,16 +197,6 @@ class TrainConfig:
         return TrainConfig.from_dict(d)
 
 
-def variant_name(norm: str, shift: str, scale: str) -> str:
-    """``plain``, ``batchnorm``, ``shift-layer+scale-layer``, ``batchnorm+scale-channel``..."""
-    parts = ["batchnorm"] if norm == "batchnorm" else []
-    if shift != "none":
-        parts.append(f"shift-{shift}")
-    if scale != "none":
-        parts.append(f"scale-{scale}")
-    return "+".join(parts) or "plain"
-
-
 def parse_variant(name: str) -> dict[str, str]:
     """The inverse of :func:`variant_name`: ``{"norm", "shift", "scale"}``."""
     out = {"norm": "none", "shift": "none", "scale": "none"}
@@ -223,7 +214,3 @@ def parse_variant(name: str) -> dict[str, str]:
                 hint="use plain, batchnorm, shift-MODE, scale-MODE or shift-MODE+scale-MODE",
             )
     return out
-
-
-def run_name(variant: str, lr: float, seed: int) -> str:
-    return f"{variant}_lr{lr:g}_s{seed}"

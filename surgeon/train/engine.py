@@ -9,7 +9,6 @@ step on CPU, where it costs nothing).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -28,22 +27,18 @@ from rich.markup import escape
 from safetensors.torch import save_file
 from torch import nn
 
+from .. import rundir
 from ..data import ImageData, Loader, load_data
 from ..errors import TrainError
-from ..io import write_json_atomic, write_model_files
+from ..io import write_model_files
 from ..layers import ShiftScale
 from . import distributed
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .optim import build_optimizer, decay_to_identity, lr_factor, set_lr
 from .probe import Probe
 from .progress import Reporter
 from .variants import build_base, derive
-
-SUMMARY_FIELDS = (
-    "name", "variant", "lr", "seed", "status", "final_val_err", "best_val_err", "best_epoch",
-    "epochs_run", "steps", "diverged_at_step", "message",
-)  # fmt: skip
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -231,7 +226,7 @@ class Trainer:
             raise TrainError("rank 0 could not prepare the run folder", hint="see rank 0's error")
 
     def _prepare_local(self) -> None:
-        ckpt = latest_checkpoint(self.out / "checkpoints")
+        ckpt = rundir.latest_checkpoint(self.out / rundir.CHECKPOINTS_DIR)
         if self.resume:
             if ckpt is None:
                 raise TrainError(
@@ -246,7 +241,7 @@ class Trainer:
                 )
             self.state = RunState(**saved)
             if self.main:
-                self._truncate_metrics(self.state.step, self.state.epoch)
+                rundir.truncate_metrics(self.out, self.state.step, self.state.epoch)
             return
         if self.out.exists() and any(self.out.iterdir()):
             raise TrainError(
@@ -254,12 +249,10 @@ class Trainer:
                 hint="pass --resume to continue it, or another --out",
             )
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "snapshots").mkdir()
-        write_json_atomic(
-            self.out / "config.json", {**self.cfg.to_dict(), "world_size": self.dist.world_size}
-        )
-        write_json_atomic(
-            self.out / "data.json",
+        (self.out / rundir.SNAPSHOTS_DIR).mkdir()
+        rundir.write_config(self.out, {**self.cfg.to_dict(), "world_size": self.dist.world_size})
+        rundir.write_data_info(
+            self.out,
             {
                 "source": self.data.source,
                 "classes": self.data.classes,
@@ -270,36 +263,12 @@ class Trainer:
             },
         )
         write_model_files(self.model, self.out, {"run": self.cfg.name})
-        save_file(
-            snapshot_tensors(self.model), str(self.out / "snapshots" / "epoch_0000.safetensors")
-        )
+        save_file(snapshot_tensors(self.model), str(rundir.snapshot_path(self.out, 0)))
         self._log_probe()
 
-    def _truncate_metrics(self, step: int, epoch: int) -> None:
-        """Drop metric lines written after the checkpoint (a killed run may have logged more)."""
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by the kill
-                continue
-            if (row["type"] == "step" and row["step"] <= step) or (
-                row["type"] != "step" and row["epoch"] <= epoch
-            ):
-                keep.append(line)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        tmp.replace(path)
-
     def _log(self, rows: list[dict[str, Any]]) -> None:
-        if not self.main:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        if self.main:
+            rundir.append_metrics(self.out, rows)
 
     def _log_probe(self) -> None:
         if self.probe is not None:
@@ -310,7 +279,7 @@ class Trainer:
     def _checkpoint(self) -> None:
         if self.main:
             save_checkpoint(
-                self.out / "checkpoints",
+                self.out / rundir.CHECKPOINTS_DIR,
                 self.model,
                 self.opt,
                 {"run": self.state.to_dict(), "step": self.state.step},
@@ -493,7 +462,7 @@ class Trainer:
                 if self.main:
                     save_file(
                         snapshot_tensors(self.model),
-                        str(self.out / "snapshots" / f"epoch_{st.epoch:04d}.safetensors"),
+                        str(rundir.snapshot_path(self.out, st.epoch)),
                     )
                 self._checkpoint()
                 self.reporter.epoch(row)
@@ -516,7 +485,7 @@ class Trainer:
             "epochs_run": st.epoch, "steps": st.step, "diverged_at_step": diverged_at, "message": message,
         }  # fmt: skip
         if self.main:
-            write_summary(self.out, summary)
+            rundir.write_summary(self.out, summary)
         distributed.barrier(self.dist)
         return summary
 
@@ -527,10 +496,10 @@ class Trainer:
         the step before ``diverged_at`` (the weights that gave the non-finite loss). With
         none, the folder keeps the initial weights written at the start.
         """
-        for ckpt in sorted((self.out / "checkpoints").glob("step_*"), reverse=True):
-            run = json.loads((ckpt / "state.json").read_text())["run"]
+        for ckpt in sorted((self.out / rundir.CHECKPOINTS_DIR).glob("step_*"), reverse=True):
+            run = json.loads((ckpt / rundir.STATE_FILE).read_text())["run"]
             if run["batch"] == 0 or run["step"] < diverged_at - 1:
-                shutil.copyfile(ckpt / "model.safetensors", self.out / "model.safetensors")
+                shutil.copyfile(ckpt / rundir.WEIGHTS_FILE, self.out / rundir.WEIGHTS_FILE)
                 return
 
 
@@ -566,16 +535,6 @@ class _Stopped(Exception):
     pass
 
 
-def write_summary(out: Path, summary: dict[str, Any]) -> None:
-    write_json_atomic(out / "summary.json", summary)
-    tmp = out / ".summary.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
-        w.writeheader()
-        w.writerow({k: summary.get(k) for k in SUMMARY_FIELDS})
-    tmp.replace(out / "summary.csv")
-
-
 def train(cfg: TrainConfig, out: str | Path, **kwargs: Any) -> dict[str, Any]:
     """Train one run into ``out`` (a new folder, or an existing one with ``resume=True``)."""
     return Trainer(cfg, Path(out), **kwargs).run()
@@ -584,12 +543,12 @@ def train(cfg: TrainConfig, out: str | Path, **kwargs: Any) -> dict[str, Any]:
 def resume(run: str | Path, **kwargs: Any) -> dict[str, Any]:
     """Continue the run in folder ``run`` from its latest checkpoint, with its saved config."""
     run = Path(run)
-    path = run / "config.json"
-    if not path.is_file():
+    if not (run / rundir.CONFIG_FILE).is_file():
         raise TrainError(
-            f"{run} is not a run folder (no config.json)", hint="pass the folder a run wrote"
+            f"{run} is not a run folder (no {rundir.CONFIG_FILE})",
+            hint="pass the folder a run wrote",
         )
-    saved = json.loads(path.read_text())
+    saved = rundir.read_config(run, TrainError)
     saved.pop("world_size", None)
     cfg = TrainConfig.from_dict(saved)
     overrides = kwargs.pop("overrides", {})
@@ -597,7 +556,5 @@ def resume(run: str | Path, **kwargs: Any) -> dict[str, Any]:
         cfg = cfg.replace(**overrides)
     trainer = Trainer(cfg, run, resume=True, **kwargs)
     if overrides and trainer.main:  # e.g. --epochs extended the run: the folder says so
-        write_json_atomic(
-            run / "config.json", {**cfg.to_dict(), "world_size": trainer.dist.world_size}
-        )
+        rundir.write_config(run, {**cfg.to_dict(), "world_size": trainer.dist.world_size})
     return trainer.run()

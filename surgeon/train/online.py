@@ -25,7 +25,6 @@ prequential accuracy) and ``online_acc_window``; one ``epoch`` row at the end wh
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections import deque
@@ -38,13 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .. import rundir
 from ..data import ImageData, Loader, load_data
 from ..errors import TrainError
-from ..io import write_json_atomic, write_model_files
-from ..passes import insert, insert_batchnorm
-from ..replace_norm import replace_norm
+from ..io import write_model_files
+from ..passes import insert, insert_batchnorm, replace_norm
 from .config import WINDOW, TrainConfig, parse_variant, run_name, variant_name
-from .engine import SUMMARY_FIELDS, resolve_device, write_summary
+from .engine import resolve_device
 from .optim import build_optimizer, decay_to_identity
 from .recipes import Recipe
 from .variants import build_base
@@ -322,13 +321,13 @@ def run_online(
         "warm_start_epochs": warm_start_epochs, "order_seed": cfg.seed,
     }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "config.json", config)
-    write_json_atomic(
-        out / "data.json",
+    rundir.write_config(out, config)
+    rundir.write_data_info(
+        out,
         {"source": data.source, "classes": data.classes, "stream": len(stream.x),
          "test": len(stream.test_x), "mean": list(data.mean), "std": list(data.std)},
     )  # fmt: skip
-    summary: dict[str, Any] = {k: None for k in (*SUMMARY_FIELDS, *ONLINE_FIELDS)}
+    summary: dict[str, Any] = {k: None for k in (*rundir.SUMMARY_FIELDS, *ONLINE_FIELDS)}
     summary.update(name=name, variant=variant.name, lr=cfg.lr, seed=cfg.seed, epochs_run=0)
     summary.update(warm_start_epochs=warm_start_epochs)
     if warm is not None:
@@ -343,7 +342,7 @@ def run_online(
     loss_sum, ema = 0.0, None
     rows: list[dict[str, Any]] = []
     status, message, diverged_at = "ok", None, None
-    metrics = open(out / "metrics.jsonl", "w")  # noqa: SIM115 (closed in finally)
+    metrics = open(out / rundir.METRICS_FILE, "w")  # noqa: SIM115 (closed in finally)
     t0 = time.perf_counter()
     try:
         for i in range(len(stream.x)):
@@ -381,7 +380,7 @@ def run_online(
                 "lr": cfg.lr, "online_acc": correct / seen, "online_acc_window": sum(recent) / len(recent),
             })  # fmt: skip
             if len(rows) >= 100:
-                metrics.write("".join(_line(r) for r in rows))
+                metrics.write("".join(map(rundir.metrics_line, rows)))
                 rows = []
             if log and seen % log_every == 0:
                 log(f"[{name}] {seen}/{len(stream.x)} online acc {correct / seen:.4f} "
@@ -409,19 +408,15 @@ def run_online(
                 )
             write_model_files(model.cpu().eval(), out, {"run": name})
     finally:
-        metrics.write("".join(_line(r) for r in rows))
+        metrics.write("".join(map(rundir.metrics_line, rows)))
         metrics.close()
     summary.update(
         status=status, message=message, steps=seen, samples=seen, diverged_at_step=diverged_at
     )
-    write_summary(out, summary)  # summary.json holds the online fields too
+    rundir.write_summary(out, summary)  # summary.json holds the online fields too
     if log:
         log(_summary_line(summary))
     return summary
-
-
-def _line(row: dict[str, Any]) -> str:
-    return json.dumps(row) + "\n"
 
 
 def _summary_line(s: dict[str, Any]) -> str:

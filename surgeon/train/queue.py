@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import rundir
 from .config import TrainConfig
 from .runner import _failed, write_results
 
@@ -77,9 +78,9 @@ def run_parallel(
                 continue
             del running[i]
             free.append(slot)
-            summary_file = out / cfg.name / "summary.json"
-            if summary_file.is_file():
-                results[i] = json.loads(summary_file.read_text())
+            summary = rundir.read_summary(out / cfg.name)
+            if summary is not None:
+                results[i] = summary
             else:
                 tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
                 results[i] = _failed(

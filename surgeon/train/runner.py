@@ -5,18 +5,17 @@ A run that fails or diverges is recorded and the others go on.
 
 from __future__ import annotations
 
-import csv
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import rundir
 from ..data import ImageData, load_data
 from ..errors import SurgeonError
-from ..io import write_json_atomic
 from .config import TrainConfig
 from .distributed import env_info
-from .engine import SUMMARY_FIELDS, train, write_summary
+from .engine import train
 from .progress import Reporter
 from .recipes import Recipe
 from .variants import build_base
@@ -74,7 +73,7 @@ def run_configs(
 
 
 def _failed(cfg: TrainConfig, message: str, run_dir: Path) -> dict[str, Any]:
-    summary = {k: None for k in SUMMARY_FIELDS}
+    summary = {k: None for k in rundir.SUMMARY_FIELDS}
     summary.update(
         name=cfg.name,
         variant=cfg.variant,
@@ -85,21 +84,13 @@ def _failed(cfg: TrainConfig, message: str, run_dir: Path) -> dict[str, Any]:
         epochs_run=0,
     )
     if run_dir.is_dir():
-        write_summary(run_dir, summary)
+        rundir.write_summary(run_dir, summary)
     return summary
 
 
 def write_results(out: Path, recipe_name: str, results: list[dict[str, Any]]) -> None:
-    if env_info().rank != 0:
-        return  # under torchrun only rank 0 writes
-    write_json_atomic(out / "results.json", {"recipe": recipe_name, "runs": results})
-    tmp = out / ".results.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in results:
-            w.writerow({k: r.get(k) for k in SUMMARY_FIELDS})
-    tmp.replace(out / "results.csv")
+    if env_info().rank == 0:  # under torchrun only rank 0 writes
+        rundir.write_results(out, recipe_name, results)
 
 
 def run_recipe(
