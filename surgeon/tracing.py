@@ -1,27 +1,19 @@
 """Tracing any nn.Module with torch.fx, the way timm's feature extraction does.
 
-FX runs ``forward`` once, so Python code that branches on ``self.training`` is baked into
-the graph in the mode the model had when it was traced. :func:`trace` therefore records
-every read of a module's ``training`` flag during the trace (:func:`watch_training`) and
-traces each module call that read it a second time, in the other mode, comparing the two
-(the whole model when a read is not inside any module call, e.g. the root's own forward):
-``F.dropout(x, p, training=...)`` calls whose flag is the only difference become
-``nn.Dropout`` modules (which read ``self.training`` at run time); any other difference
-marks the graph mode-dependent (``gm.surgeon_mode_dependent``) so that the passes can warn.
-A graph that read no flag is traced once.
+The plain path: :class:`SurgeonTracer` (torch.nn, timm's and the registry's leaves), the
+model traced in its own mode and again in the other one (``if self.training:`` is baked
+into a graph), the two graphs compared; ``F.dropout(x, p, training=...)`` calls whose flag
+is the only difference become ``nn.Dropout`` modules, any other difference marks the graph
+mode-dependent (``gm.surgeon_mode_dependent``). ``surgeon._fx_fast`` does the same faster
+where this torch allows it (docs/design.md, "tracer").
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import copy
-import dis
-import functools
 import inspect
 import os
 import re
-import sys
 import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -30,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_arg
-from torch.fx.proxy import ParameterProxy
 
-from . import registry
-from ._copy import deepcopy_module
+from . import _fx_fast, registry
+from ._fx_fast import watch_training  # noqa: F401  (tests and benchmarks reach it here)
 from .errors import TraceError
+from .layers import ShiftScale
 
 try:  # attributes listed here survive copy.deepcopy of a GraphModule
     from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
@@ -53,12 +45,14 @@ def set_preserved(gm: fx.GraphModule, name: str, value: Any) -> None:
     gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value
 
 
-def _package_dirs() -> tuple[str, ...]:
-    import surgeon
+def deepcopy_module(module: nn.Module) -> nn.Module:
+    """``copy.deepcopy(module)``: the copy that keeps the caller's model untouched."""
+    return copy.deepcopy(module)
 
-    dirs = [os.path.dirname(os.__file__)]  # the standard library
-    for mod in (torch, surgeon):
-        dirs.append(os.path.dirname(mod.__file__))
+
+def _package_dirs() -> tuple[str, ...]:
+    here = os.path.dirname(os.path.abspath(__file__))  # fx-surgeon itself
+    dirs = [os.path.dirname(os.__file__), os.path.dirname(torch.__file__), here]
     for name in ("timm", "torchvision"):
         try:
             dirs.append(os.path.dirname(__import__(name).__file__))
@@ -89,236 +83,36 @@ def _torchvision_ops() -> None:
         pass
 
 
-@functools.lru_cache(maxsize=4096)
-def _instructions(code: Any) -> tuple[list[int], list[dis.Instruction]]:
-    insts = list(dis.get_instructions(code))
-    return [i.offset for i in insts], insts
-
-
-class _Proxy(fx.Proxy):
-    """``fx.Proxy`` whose ``__iter__`` disassembles each calling function once, not on
-    every call (fx decodes the whole caller's bytecode each time a proxy is unpacked)."""
-
-    def __iter__(self):
-        frame = inspect.currentframe()
-        caller = frame.f_back if frame is not None else None
-        if caller is None:  # pragma: no cover - CPython always has frames
-            return super().__iter__()
-        offsets, insts = _instructions(caller.f_code)
-        if sys.version_info >= (3, 11):
-            import bisect
-
-            idx = bisect.bisect_left(offsets, caller.f_lasti)
-        else:  # pragma: no cover - Python 3.10
-            idx = caller.f_lasti // 2
-        inst = insts[idx]
-        if inst.opname == "UNPACK_SEQUENCE":
-            return (self[i] for i in range(inst.argval))
-        return self.tracer.iter(self)
-
-    def __getattr__(self, k: str) -> fx.proxy.Attribute:
-        return _Attribute(self, k)  # ``b, n, c = x.shape`` unpacks an attribute proxy
-
-
-class _Attribute(_Proxy, fx.proxy.Attribute):
-    """fx's lazily recorded attribute proxy (``x.shape``) with :class:`_Proxy`'s ``__iter__``."""
-
-
-# arguments fx passes through unchanged (``torch.fx.node.base_types`` without tensors)
-_PLAIN_ARGS = frozenset(
-    t for t in (*fx.node.base_types, type(None), type(...)) if not issubclass(t, torch.Tensor)
-)
-
-
-class _ModuleStack(collections.OrderedDict):
-    """fx's stack of the modules being traced, copied into every node's meta: ``copy.copy``
-    of an OrderedDict goes through ``__reduce_ex__`` (a twentieth of a trace). Watched
-    classes (:func:`watch_training`) are recorded as the classes they stand for."""
-
-    def __copy__(self) -> collections.OrderedDict:
-        return collections.OrderedDict(self)
-
-    def __setitem__(self, key: str, value: tuple[str, Any]) -> None:
-        name, cls = value
-        super().__setitem__(key, (name, vars(cls).get("_surgeon_watches", cls)))
-
-
 class SurgeonTracer(fx.Tracer):
     """An FX tracer whose leaves are torch.nn modules, timm's registered leaves,
     registered activation and norm-act classes, and any extra classes the user names."""
 
-    def __init__(self, leaf_modules: Iterable[type] = (), reads: _Reads | None = None) -> None:
+    def __init__(self, leaf_modules: Iterable[type] = (), **kwargs: Any) -> None:
         timm_leaves, timm_fns = _timm_fx()
         _torchvision_ops()
-        super().__init__(autowrap_functions=tuple(timm_fns))
-        self.module_stack = _ModuleStack()
+        super().__init__(autowrap_functions=tuple(timm_fns), **kwargs)
         self.leaf_types = tuple(set(timm_leaves) | registry.LEAF_MODULES | set(leaf_modules))
-        # with ``reads`` (a watch_training record), a module whose forward read ``training``
-        # is traced again in the other mode right away, into a scratch graph (see replay)
-        self.reads = reads
-        self.replays = _Replays()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        from .layers import ShiftScale
-
         if isinstance(m, (ShiftScale, *self.leaf_types)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _Proxy(node, self)
 
-    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        self._tensor_names: tuple[dict[int, str], dict[int, str]] | None = None
-        self._param_cache: dict[str, Any] | None = None
-        # from the instance dict: ``root.training`` would count as a read of the root's flag
-        self.traced_training = bool(getattr(root, "__dict__", {}).get("training", True))
-        return super().trace(root, concrete_args)
+class _FastTracer(_fx_fast.FastTracing, _fx_fast.Replaying, SurgeonTracer):
+    """:class:`SurgeonTracer` with the fast path's tracer and replays."""
 
-    def _tensor_name(self, value: torch.Tensor) -> str | None:
-        """The qualified name of a parameter or buffer of the root, by identity, from
-        dictionaries built once per trace (fx scans ``named_parameters()`` or
-        ``named_buffers()`` for every read, which made tracing quadratic in the number of
-        parameters: seconds for a MaxViT)."""
-        if getattr(self, "_tensor_names", None) is None:
-            params: dict[int, str] = {}
-            buffers: dict[int, str] = {}
-            for n, p in self.root.named_parameters():
-                params.setdefault(id(p), n)
-            for n, b in self.root.named_buffers():
-                buffers.setdefault(id(b), n)
-            self._tensor_names = (params, buffers)
-            self._modules_at_start = list(self.root.named_modules())
-        params, buffers = self._tensor_names
-        if isinstance(value, nn.Parameter):
-            return params.get(id(value))
-        return buffers.get(id(value))
 
-    def create_arg(self, a: Any) -> Any:
-        # the common arguments first: fx's create_arg asks each of them a dozen isinstance
-        # questions (parameter, module, named tuple, opaque type...) before the answer
-        t = type(a)
-        if t in _PLAIN_ARGS:
-            return a
-        if t is _Proxy or t is _Attribute:
-            return a.node
-        if t is tuple or t is list:
-            return t(self.create_arg(e) for e in a)
-        if isinstance(a, torch.Tensor) and isinstance(getattr(self, "root", None), nn.Module):
-            name = self._tensor_name(a)
-            if name is None and not isinstance(a, nn.Parameter):
-                name = self._other_tensor_name(a)
-            if name is not None:
-                return self.create_node("get_attr", name, (), {})
-        return super().create_arg(a)  # anything else, as fx does it
+class _ReplayingTracer(_fx_fast.Replaying, SurgeonTracer):
+    """:class:`SurgeonTracer` with the fast path's replays only."""
 
-    def _other_tensor_name(self, a: torch.Tensor) -> str | None:
-        """fx's name for a tensor that was no parameter or buffer of the root when the trace
-        began: a buffer registered since, a plain tensor attribute, or a new constant
-        ``_tensor_constantN``. fx finds it after a scan of ``named_buffers()`` per use (a
-        second for a big ViT that computes its rotary embeddings per block); here the scan is
-        a loop over the ``_buffers`` of the modules listed when the trace began."""
-        if not hasattr(self, "tensor_attrs") or not hasattr(self, "get_fresh_qualname"):
-            return None  # pragma: no cover - another torch: fx's own way
-        for prefix, module in self._modules_at_start:
-            for k, b in module._buffers.items():
-                if b is a:
-                    return f"{prefix}.{k}" if prefix else k
-        name = self.tensor_attrs.get(a)
-        if name is None:
-            name = self.get_fresh_qualname("_tensor_constant")
-            self.tensor_attrs[a] = name
-            setattr(self.root, name, a)
-        return name
 
-    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
-        reads = self.reads
-        if reads is None or reads.paused or reads.whole:
-            return super().call_module(m, forward, args, kwargs)
-        start, last = len(reads.modules), getattr(self.graph, "_root", None)
-        last = last.prev if last is not None else None
-        reads.depth += 1
-        try:
-            out = super().call_module(m, forward, args, kwargs)
-        finally:
-            reads.depth -= 1
-        new = reads.modules[start:]
-        if new and not reads.whole and self._can_replay():
-            inside = {id(x) for x in m.modules()}
-            if all(id(x) in inside for x in new):  # else an enclosing module's call replays
-                self._replay(m, forward, args, kwargs, last)
-                del reads.modules[start:]  # answered
-        return out
-
-    def _can_replay(self) -> bool:
-        """Whether this torch's tracer keeps the state a replay saves and restores (else
-        the whole model is traced again)."""
-        state = ("num_calls", "_qualname_counter", "tensor_attrs", "get_fresh_qualname")
-        return all(hasattr(self, a) for a in state) and hasattr(self.graph, "_root")
-
-    def _replay(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict, last: fx.Node) -> None:
-        """Trace ``m``'s call again with ``m``'s modules in the other mode, into a scratch
-        graph, and compare it with the nodes the call just added; undo every trace of it
-        (cached parameter proxies, constants, call counts, users of outer nodes)."""
-        reads, mine = self.reads, []
-        node = last.next
-        while node is not self.graph._root:
-            mine.append(node)
-            node = node.next
-        flags = [(x, x.__dict__["training"]) for x in m.modules()]
-        graph, scratch = self.graph, fx.Graph()
-        state = (
-            copy.copy(self.num_calls),
-            copy.copy(self._qualname_counter),
-            dict(self.tensor_attrs),
-        )
-        cache = self._param_cache
-        cached = set(cache) if cache is not None else set()
-        self.graph, reads.paused = scratch, True
-        for x, _ in flags:
-            x.__dict__["training"] = not self.traced_training
-        try:
-            super().call_module(m, forward, args, kwargs)
-            failed = False
-        except Exception:  # the other mode does not trace: the graph depends on the mode
-            failed = True
-        finally:
-            for x, flag in flags:
-                x.__dict__["training"] = flag
-            self.graph, reads.paused = graph, False
-            self.num_calls, self._qualname_counter, attrs = state
-            for t, name in list(self.tensor_attrs.items()):
-                if t not in attrs:
-                    delattr(self.root, name)
-            self.tensor_attrs = attrs
-            if cache is not None:
-                for k in set(cache) - cached:
-                    del cache[k]
-            for n in scratch.nodes:
-                for inp in n.all_input_nodes:
-                    if inp.graph is not scratch:
-                        inp.users.pop(n, None)
-        if failed:
-            self.replays.dependent = True
-            return
-        dependent, dropouts = _compare(mine, list(scratch.nodes), self.traced_training)
-        self.replays.dependent |= dependent
-        self.replays.dropouts.update(dropouts)
-
-    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
-        self._param_cache = parameter_proxy_cache
-        name = None
-        tracked = isinstance(attr_val, torch.Tensor) and self.proxy_buffer_attributes
-        if isinstance(attr_val, nn.Parameter) or tracked:
-            name = self._tensor_name(attr_val)
-        if name is None:  # not a tensor, or registered during the trace: fx's own scan
-            return super().getattr(attr, attr_val, parameter_proxy_cache)
-        if name not in parameter_proxy_cache:
-            kwargs: dict[str, Any] = {}
-            if self.param_shapes_constant:
-                kwargs["proxy_factory_fn"] = lambda node: ParameterProxy(self, node, name, attr_val)
-            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {}, **kwargs)
-        return parameter_proxy_cache[name]
+def _tracer(leaf_modules: Iterable[type], reads: Any = None) -> SurgeonTracer:
+    """The tracer the fast path allows: with ``reads``, one that replays."""
+    fast = _fx_fast.on("tracer")
+    if reads is not None:
+        return (_FastTracer if fast else _ReplayingTracer)(leaf_modules, reads=reads)
+    return _FastTracer(leaf_modules) if fast else SurgeonTracer(leaf_modules)
 
 
 def resolve_leaf_names(model: nn.Module, names: Sequence[str]) -> list[type]:
@@ -352,7 +146,7 @@ def _user_frame(exc: BaseException) -> str | None:
 def _trace_graph(
     root: nn.Module, leaf_modules: Iterable[type], concrete: dict[str, Any] | None = None
 ) -> fx.Graph:
-    return SurgeonTracer(leaf_modules).trace(root, concrete_args=concrete or None)
+    return _tracer(leaf_modules).trace(root, concrete_args=concrete or None)
 
 
 def constant_defaults(root: nn.Module, n_inputs: int) -> dict[str, Any]:
@@ -380,28 +174,14 @@ def constant_defaults(root: nn.Module, n_inputs: int) -> dict[str, Any]:
 def graph_module(
     root: nn.Module, graph: fx.Graph, name: str, compile: bool = True
 ) -> fx.GraphModule:
-    """``fx.GraphModule(root, graph, name)``; with ``compile=False`` its Python code is
-    generated on the first call instead (for a graph that will change before it runs:
-    code generation costs as much as a tenth of ``surgeon.insert``)."""
-    if compile:
-        return fx.GraphModule(root, graph, name)
-    gm = fx.GraphModule.__new__(fx.GraphModule)
-    cls = type(gm)  # fx makes one class per instance, to hold its generated forward
-    if cls is fx.GraphModule or "recompile" in vars(cls):  # not that layout: compile now
-        fx.GraphModule.__init__(gm, root, graph, name)
-        return gm
-    cls.recompile = lambda self: None
-    try:
-        fx.GraphModule.__init__(gm, root, graph, name)
-    finally:
-        del cls.recompile
-
-    def forward(self, *args, **kwargs):  # replaced by the generated forward
-        self.recompile()
-        return self(*args, **kwargs)
-
-    cls.forward = forward
-    return gm
+    """``fx.GraphModule(root, graph, name)``; with ``compile=False`` the fast path may
+    generate its Python code on the first call instead (for a graph that will change
+    before it runs)."""
+    if not compile and _fx_fast.on("codegen"):
+        gm = _fx_fast.lazy_graph_module(root, graph, name)
+        if gm is not None:
+            return gm
+    return fx.GraphModule(root, graph, name)
 
 
 def trace(
@@ -424,25 +204,16 @@ def trace(
         set_preserved(gm, "surgeon_mode_dependent", getattr(model, "surgeon_mode_dependent", False))
         return gm
     root = deepcopy_module(model) if copy_model else model
-    concrete = constant_defaults(root, n_inputs)
+    concrete = constant_defaults(root, n_inputs) or None
     try:
-        with watch_training(root) as reads:
-            tracer = SurgeonTracer(leaf_modules, reads)
-            graph = tracer.trace(root, concrete_args=concrete or None)
+        if _fx_fast.on("replays"):
+            graph, dependent, dropouts = _trace_with_replays(root, leaf_modules, concrete)
+        else:
+            graph = _trace_graph(root, leaf_modules, concrete)
+            other = _trace_in_other_mode(root, leaf_modules, concrete)
+            dependent, dropouts = _compare_graphs(graph, other, trained=root.training)
     except Exception as exc:  # the tracer raises many types; all mean "not traceable"
         raise _trace_error(model, exc) from exc
-    # A graph that read no module's ``training`` is the graph of either mode. Modules that
-    # read it were traced again in the other mode as they were met (tracer.replays); reads
-    # no module call could answer (the root's own forward, a module that reads another's
-    # flag, an unwatchable class) need the whole model traced again in the other mode.
-    well_formed = _well_formed(graph)
-    if reads.whole or reads.modules or reads.unwatched or not well_formed:
-        if not well_formed:  # pragma: no cover - a replay left a dangling node
-            graph = _trace_graph(root, leaf_modules, concrete)
-        other = _trace_in_other_mode(root, leaf_modules, concrete)
-        dependent, dropouts = _compare_graphs(graph, other, trained=root.training)
-    else:
-        dependent, dropouts = tracer.replays.dependent, tracer.replays.dropouts
     gm = graph_module(root, graph, type(model).__name__, compile)
     _dropouts_to_modules(gm, dropouts)
     if dropouts and compile:
@@ -450,6 +221,30 @@ def trace(
     gm.train(model.training)
     set_preserved(gm, "surgeon_mode_dependent", dependent)
     return gm
+
+
+def _trace_with_replays(
+    root: nn.Module, leaf_modules: tuple[type, ...], concrete: dict[str, Any] | None
+) -> tuple[fx.Graph, bool, dict[fx.Node, dict[str, Any]]]:
+    """One trace that records reads of ``training``; module calls that read it are traced
+    again alone, in the other mode (``_fx_fast.Replaying``). Reads no module call could
+    answer (the root's own forward, a module that reads another's flag, an unwatchable
+    class) need the whole model traced again in the other mode."""
+    with _fx_fast.watch_training(root) as reads:
+        tracer = _tracer(leaf_modules, reads)
+        graph = tracer.trace(root, concrete_args=concrete)
+    well_formed = _well_formed(graph)
+    if reads.whole or reads.modules or reads.unwatched or not well_formed:
+        if not well_formed:  # pragma: no cover - a replay left a dangling node
+            graph = _trace_graph(root, leaf_modules, concrete)
+        other = _trace_in_other_mode(root, leaf_modules, concrete)
+        return graph, *_compare_graphs(graph, other, trained=root.training)
+    dependent, dropouts = tracer.replays.failed, {}
+    for mine, theirs in tracer.replays.pairs:
+        differs, found = _compare(mine, theirs, tracer.traced_training)
+        dependent |= differs
+        dropouts.update(found)
+    return graph, dependent, dropouts
 
 
 def _trace_error(model: nn.Module, exc: BaseException) -> TraceError:
@@ -477,109 +272,6 @@ def _trace_in_other_mode(
 
 
 # ---------------------------------------------------------------- mode dependence
-
-
-class _Reads:
-    """Reads of ``training`` in a :func:`watch_training` block: whether any happened
-    (``seen``), the class names (``by``), the modules whose reads no replay answered yet
-    (``modules``), and whether some module could not be watched (``unwatched``)."""
-
-    def __init__(self) -> None:
-        self.unwatched = self.paused = False
-        self.whole = False  # a read outside every module call: only a whole trace answers it
-        self.depth = 0  # module calls being traced
-        self.by: list[str] = []
-        self.modules: list[nn.Module] = []
-
-    @property
-    def seen(self) -> bool:
-        return bool(self.by) or self.unwatched
-
-
-class _Replays:
-    """What the replays of the modules that read ``training`` found."""
-
-    def __init__(self) -> None:
-        self.dependent = False
-        self.dropouts: dict[fx.Node, dict[str, Any]] = {}
-
-
-_WATCH: list[_Reads] = []  # the innermost watch_training() records the reads
-
-
-class _TrainingAttribute:
-    """``training`` of a watched module: the instance's own value, each read recorded."""
-
-    def __get__(self, obj: Any, objtype: Any = None) -> Any:
-        if obj is None:
-            return self
-        if _WATCH and not _WATCH[-1].paused:
-            reads = _WATCH[-1]
-            reads.by.append(type(obj).__name__)
-            reads.modules.append(obj)
-            if not reads.depth:
-                reads.whole = True
-        return obj.__dict__["training"]
-
-    def __set__(self, obj: Any, value: bool) -> None:
-        obj.__dict__["training"] = value
-
-
-_TRAINING = _TrainingAttribute()
-
-
-@functools.cache
-def _watched_class(cls: type) -> type | None:
-    """A subclass of ``cls`` that differs only in recording reads of ``training``; None
-    where ``cls`` defines ``training`` itself (a property: not the plain flag)."""
-    if any("training" in vars(c) for c in cls.__mro__):
-        return None
-    try:
-        return type(
-            cls.__name__,
-            (cls,),
-            {
-                "training": _TRAINING,
-                "_surgeon_watches": cls,
-                "__module__": cls.__module__,
-                "__qualname__": cls.__qualname__,
-            },
-        )
-    except TypeError:  # a final class or an odd metaclass
-        return None
-
-
-@contextlib.contextmanager
-def watch_training(root: nn.Module):
-    """Record reads of ``training`` of any module of ``root`` inside the block.
-
-    Each module's class is swapped for a subclass whose ``training`` is a recording
-    descriptor, and swapped back on exit. The values read are the real booleans, so the
-    code runs exactly as it would. Yields a :class:`_Reads`; where a module cannot be
-    watched, ``seen`` is True from the start (assume the worst).
-    """
-    reads = _Reads()
-    swapped: list[tuple[nn.Module, type]] = []
-    try:
-        for m in root.modules():
-            cls = type(m)
-            watched = _watched_class(cls)
-            if watched is None:
-                reads.unwatched = True
-                continue
-            try:
-                m.__class__ = watched
-            except TypeError:  # a layout that cannot take a subclass
-                reads.unwatched = True
-                continue
-            swapped.append((m, cls))
-        _WATCH.append(reads)
-        yield reads
-    finally:
-        if _WATCH and _WATCH[-1] is reads:
-            _WATCH.pop()
-        for m, cls in swapped:
-            m.__class__ = cls
 
 
 _DROPOUT_MODULES: dict[Any, type[nn.Module]] = {

@@ -1,4 +1,4 @@
-"""The shape rules of surgeon.shapes against the kernels they stand for.
+"""The fast path's shape rules (surgeon._fast_shapes) against the kernels they stand for.
 
 For random arguments a rule either declines (None) or gives exactly the shape and dtype
 the real CPU kernel gives; wherever the kernel raises, the rule declines. Each rule must
@@ -16,10 +16,20 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from surgeon import shapes
+from surgeon import _fast_shapes as rules
+from surgeon import _fx_fast, shapes
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.int64, torch.bool]
 sizes = st.lists(st.integers(1, 3), min_size=0, max_size=4)
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    """The fast path on, whatever ``SURGEON_FAST`` says (skipped where this torch has none)."""
+    if _fx_fast.why_off():
+        pytest.skip(_fx_fast.why_off())
+    monkeypatch.setenv("SURGEON_FAST", "1")
+    monkeypatch.delenv("SURGEON_FAST_SKIP", raising=False)
 
 
 def _tensor(shape, dtype=torch.float32):
@@ -44,7 +54,7 @@ def check(rule, fn, args, kwargs=None):
     """The rule on meta copies agrees with ``fn`` on the real arguments; return whether
     the rule gave an answer."""
     kwargs = kwargs or {}
-    out = shapes.apply_rule(rule, _meta(args), _meta(kwargs))
+    out = rules.apply_rule(rule, _meta(args), _meta(kwargs))
     try:
         real = fn(*args, **kwargs)
     except Exception:
@@ -77,16 +87,16 @@ def test_binary_ops(data):
     else:
         b = data.draw(st.sampled_from([2, 0.5, True]))
     args = (a, b) if data.draw(st.booleans()) else (b, a)
-    check(shapes.FUNCTION_RULES[fn], fn, args)
+    check(rules.FUNCTION_RULES[fn], fn, args)
 
 
 def test_binary_ops_take_the_plain_cases():
     x, y = torch.randn(2, 3, 4), torch.randn(3, 1)
     for fn in BINARY:
-        assert check(shapes.FUNCTION_RULES[fn], fn, (x, y))
-        assert check(shapes.FUNCTION_RULES[fn], fn, (2.0, x))
-    assert check(shapes.FUNCTION_RULES[operator.mul], operator.mul, (x, y.half()))
-    assert not check(shapes.FUNCTION_RULES[operator.truediv], operator.truediv, (x.long(), 2))
+        assert check(rules.FUNCTION_RULES[fn], fn, (x, y))
+        assert check(rules.FUNCTION_RULES[fn], fn, (2.0, x))
+    assert check(rules.FUNCTION_RULES[operator.mul], operator.mul, (x, y.half()))
+    assert not check(rules.FUNCTION_RULES[operator.truediv], operator.truediv, (x.long(), 2))
 
 
 @settings(max_examples=200, deadline=None)
@@ -106,7 +116,7 @@ def test_convolutions(data):
     padding = data.draw(st.sampled_from([0, 1, "same", "valid", (1,) * n, (0, 2, 1)[:n]]))
     dilation = data.draw(st.sampled_from([1, 2]))
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
-    check(shapes.FUNCTION_RULES[conv], conv, (x, w, bias, stride, padding, dilation, groups))
+    check(rules.FUNCTION_RULES[conv], conv, (x, w, bias, stride, padding, dilation, groups))
 
 
 def test_convolution_modules_take_the_plain_cases():
@@ -117,7 +127,7 @@ def test_convolution_modules_take_the_plain_cases():
         torch.nn.Conv3d(4, 2, 2, bias=False),
     ):
         x = torch.randn(2, 4, *[7] * (conv.weight.dim() - 2))
-        out = shapes._module_rule(conv.to("meta"), x.to("meta"))
+        out = rules.module_rule(conv.to("meta"), x.to("meta"), shapes.shape_preserving_types())
         real = conv.to_empty(device="cpu")(x)
         assert out is not None and tuple(out.shape) == tuple(real.shape)
 
@@ -133,8 +143,8 @@ def test_linear(data):
         if data.draw(st.booleans())
         else None
     )
-    check(shapes.FUNCTION_RULES[F.linear], F.linear, (x, w, bias))
-    assert check(shapes.FUNCTION_RULES[F.linear], F.linear, (torch.randn(2, 5), torch.randn(3, 5)))
+    check(rules.FUNCTION_RULES[F.linear], F.linear, (x, w, bias))
+    assert check(rules.FUNCTION_RULES[F.linear], F.linear, (torch.randn(2, 5), torch.randn(3, 5)))
 
 
 @settings(max_examples=150, deadline=None)
@@ -151,32 +161,30 @@ def test_norms(data):
         norm = list(shape[-k:]) if data.draw(st.booleans()) else [shape[-1] + 1]
         w = _tensor(norm) if data.draw(st.booleans()) else None
         fn = F.layer_norm if kind == "layer" else F.rms_norm
-        check(shapes.FUNCTION_RULES[fn], fn, (x, norm, w))
+        check(rules.FUNCTION_RULES[fn], fn, (x, norm, w))
     elif kind == "group":
         groups = data.draw(st.integers(1, 4))
-        check(shapes.FUNCTION_RULES[F.group_norm], F.group_norm, (x, groups, weight, bias))
+        check(rules.FUNCTION_RULES[F.group_norm], F.group_norm, (x, groups, weight, bias))
     elif kind == "batch":
         training = data.draw(st.booleans())
         stats = [_tensor([c]), _tensor([c]).abs()] if data.draw(st.booleans()) else [None, None]
-        check(
-            shapes.FUNCTION_RULES[F.batch_norm], F.batch_norm, (x, *stats, weight, bias, training)
-        )
+        check(rules.FUNCTION_RULES[F.batch_norm], F.batch_norm, (x, *stats, weight, bias, training))
     else:
         dim = data.draw(st.integers(-5, 4))
-        check(shapes.FUNCTION_RULES[F.normalize], F.normalize, (x,), {"dim": dim})
+        check(rules.FUNCTION_RULES[F.normalize], F.normalize, (x,), {"dim": dim})
 
 
 def test_norms_take_the_plain_cases():
     x = torch.randn(2, 4, 3, 3)
-    rules = shapes.FUNCTION_RULES
-    assert check(rules[F.layer_norm], F.layer_norm, (x, [3, 3]))
-    assert check(rules[F.rms_norm], F.rms_norm, (x, [3], torch.ones(3)))
-    assert check(rules[F.group_norm], F.group_norm, (x, 2, torch.ones(4), torch.zeros(4)))
+    table = rules.FUNCTION_RULES
+    assert check(table[F.layer_norm], F.layer_norm, (x, [3, 3]))
+    assert check(table[F.rms_norm], F.rms_norm, (x, [3], torch.ones(3)))
+    assert check(table[F.group_norm], F.group_norm, (x, 2, torch.ones(4), torch.zeros(4)))
     stats = (torch.zeros(4), torch.ones(4))
-    assert check(rules[F.batch_norm], F.batch_norm, (x, *stats))
+    assert check(table[F.batch_norm], F.batch_norm, (x, *stats))
     w = torch.randn(1, 4, 27)  # timm's ScaledStdConv2d standardises its weight this way
-    assert check(rules[F.batch_norm], F.batch_norm, (w, None, None, torch.ones(4), None, True))
-    assert check(rules[F.normalize], F.normalize, (x,), {"dim": -1})
+    assert check(table[F.batch_norm], F.batch_norm, (w, None, None, torch.ones(4), None, True))
+    assert check(table[F.normalize], F.normalize, (x,), {"dim": -1})
 
 
 @settings(max_examples=150, deadline=None)
@@ -197,14 +205,14 @@ def test_attention(data):
     elif mask == "bad":
         kwargs["attn_mask"] = _tensor([L + 1, S], dtype)
     sdpa = F.scaled_dot_product_attention
-    check(shapes.FUNCTION_RULES[sdpa], sdpa, (q, k, v), kwargs)
+    check(rules.FUNCTION_RULES[sdpa], sdpa, (q, k, v), kwargs)
 
 
 def test_attention_takes_the_plain_cases():
     q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 4)
     sdpa = F.scaled_dot_product_attention
-    assert check(shapes.FUNCTION_RULES[sdpa], sdpa, (q, k, v))
-    assert check(shapes.FUNCTION_RULES[sdpa], sdpa, (q, k, v), {"attn_mask": torch.zeros(5, 7)})
+    assert check(rules.FUNCTION_RULES[sdpa], sdpa, (q, k, v))
+    assert check(rules.FUNCTION_RULES[sdpa], sdpa, (q, k, v), {"attn_mask": torch.zeros(5, 7)})
 
 
 @settings(max_examples=100, deadline=None)
@@ -216,14 +224,14 @@ def test_reductions(data):
     dim = dims[0] if len(dims) == 1 and data.draw(st.booleans()) else tuple(dims)
     keepdim = data.draw(st.booleans())
     for name in ("mean", "sum"):
-        check(shapes.METHOD_RULES[name], getattr(torch.Tensor, name), (x, dim, keepdim))
+        check(rules.METHOD_RULES[name], getattr(torch.Tensor, name), (x, dim, keepdim))
 
 
 @pytest.mark.parametrize("name", ["mean", "sum"])
 def test_reductions_take_the_plain_cases(name):
     x, fn = torch.randn(2, 4, 3, 3), getattr(torch.Tensor, name)
-    assert check(shapes.METHOD_RULES[name], fn, (x, (2, 3), True))
-    assert check(shapes.METHOD_RULES[name], fn, (x, -1))
+    assert check(rules.METHOD_RULES[name], fn, (x, (2, 3), True))
+    assert check(rules.METHOD_RULES[name], fn, (x, -1))
 
 
 @pytest.mark.parametrize(
@@ -273,19 +281,19 @@ def test_activations(data):
         kwargs["inplace"] = data.draw(st.booleans())
     positional = data.draw(st.booleans()) and list(kwargs) == [*names, "inplace"][: len(kwargs)]
     args = (x, *kwargs.values()) if positional else (x,)
-    check(shapes.FUNCTION_RULES[fn], fn, args, {} if positional else kwargs)
+    check(rules.FUNCTION_RULES[fn], fn, args, {} if positional else kwargs)
 
 
 def test_activations_take_the_plain_cases():
     x = torch.randn(2, 3)
     for fn, names in ACTIVATIONS:
         kwargs = {"dim": -1} if "dim" in names else {}
-        assert check(shapes.FUNCTION_RULES[fn], fn, (x,), kwargs), fn
-    assert check(shapes.FUNCTION_RULES[F.relu], F.relu, (x,), {"inplace": True})
-    assert check(shapes.FUNCTION_RULES[F.leaky_relu], F.leaky_relu, (x, 0.2, True))
+        assert check(rules.FUNCTION_RULES[fn], fn, (x,), kwargs), fn
+    assert check(rules.FUNCTION_RULES[F.relu], F.relu, (x,), {"inplace": True})
+    assert check(rules.FUNCTION_RULES[F.leaky_relu], F.leaky_relu, (x, 0.2, True))
 
 
-def test_rules_apply_inside_leaf_modules(monkeypatch):
+def test_rules_apply_inside_leaf_modules(monkeypatch, fast):
     """timm's ScaledStdConv2dSame is a leaf: its F.batch_norm (weight standardisation),
     padding and F.conv2d run under the rules, with the shapes of a real forward."""
     from timm.layers import ScaledStdConv2dSame
@@ -299,9 +307,9 @@ def test_rules_apply_inside_leaf_modules(monkeypatch):
     shapes._on_real(real, (torch.randn(2, 3, 9, 7),))
     meta = tracing.trace(model.to("meta"))
     seen = []
-    rule = shapes._TORCH_FUNCTION_RULES[F.batch_norm]
+    rule = rules._TORCH_FUNCTION_RULES[F.batch_norm]
     monkeypatch.setitem(
-        shapes._TORCH_FUNCTION_RULES, F.batch_norm, lambda *a, **k: seen.append(1) or rule(*a, **k)
+        rules._TORCH_FUNCTION_RULES, F.batch_norm, lambda *a, **k: seen.append(1) or rule(*a, **k)
     )
     shapes._on_meta(meta, (torch.randn(2, 3, 9, 7),))
     assert seen == [1]
@@ -326,14 +334,14 @@ def test_rules_mode_takes_operators_and_methods(data):
     a = _tensor(shape, data.draw(st.sampled_from(DTYPES)))
     b = _tensor(_broadcastable(data.draw, shape), data.draw(st.sampled_from(DTYPES)))
     answers = []
-    apply = shapes.apply_rule
+    apply = rules.apply_rule
 
     def spy(*args):
         out = apply(*args)
         answers.append(out is not None)
         return out
 
-    with mock.patch.object(shapes, "apply_rule", spy), shapes.RulesMode():
+    with mock.patch.object(rules, "apply_rule", spy), rules.RulesMode():
         try:
             out = form(a.to("meta"), b.to("meta"))
         except Exception:
@@ -348,12 +356,12 @@ def test_rules_mode_takes_operators_and_methods(data):
 
 def test_rules_mode_answers_operators_without_kernels(monkeypatch):
     seen = []
-    rules = {
+    wrapped = {
         f: (lambda *a, r=r, **k: seen.append(1) or r(*a, **k))
-        for f, r in shapes._TORCH_FUNCTION_RULES.items()
+        for f, r in rules._TORCH_FUNCTION_RULES.items()
     }
-    monkeypatch.setattr(shapes, "_TORCH_FUNCTION_RULES", rules)
+    monkeypatch.setattr(rules, "_TORCH_FUNCTION_RULES", wrapped)
     a, b = torch.empty(2, 3, device="meta"), torch.empty(3, device="meta")
-    with shapes.RulesMode():
+    with rules.RulesMode():
         a * b, 1 - a, a.sub(b), a / 2, a.mean(0), F.gelu(a)
     assert len(seen) == 6

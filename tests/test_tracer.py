@@ -1,4 +1,5 @@
-"""SurgeonTracer's fast paths give the graph torch.fx's own tracer gives."""
+"""SurgeonTracer, plain and with the fast path's overrides, gives the graph torch.fx's own
+tracer gives."""
 
 from __future__ import annotations
 
@@ -6,7 +7,19 @@ import pytest
 import torch
 from torch import fx, nn
 
-from surgeon.tracing import SurgeonTracer
+from surgeon import _fx_fast
+from surgeon.tracing import SurgeonTracer, _FastTracer
+
+TRACERS = pytest.mark.parametrize("tracer", [SurgeonTracer, _FastTracer], ids=["plain", "fast"])
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    """The fast path on, whatever ``SURGEON_FAST`` says (skipped where this torch has none)."""
+    if _fx_fast.why_off():
+        pytest.skip(_fx_fast.why_off())
+    monkeypatch.setenv("SURGEON_FAST", "1")
+    monkeypatch.delenv("SURGEON_FAST_SKIP", raising=False)
 
 
 class Tied(nn.Module):
@@ -32,8 +45,9 @@ def _summary(graph: fx.Graph) -> list[tuple[str, str]]:
     return [(n.op, str(n.target)) for n in graph.nodes]
 
 
-def test_same_graph_as_fx_tracer():
-    mine = SurgeonTracer().trace(Tied())
+@TRACERS
+def test_same_graph_as_fx_tracer(tracer):
+    mine = tracer().trace(Tied())
     theirs = fx.Tracer().trace(Tied())
     assert _summary(mine) == _summary(theirs)
     attrs = [n.target for n in mine.nodes if n.op == "get_attr"]
@@ -58,11 +72,12 @@ class Constants(nn.Module):
         return x + self.cache
 
 
-def test_constants_get_the_names_fx_gives():
+@TRACERS
+def test_constants_get_the_names_fx_gives(tracer):
     def attrs(graph):
         return [n.target for n in graph.nodes if n.op == "get_attr"]
 
-    mine = SurgeonTracer().trace(Constants())
+    mine = tracer().trace(Constants())
     theirs = fx.Tracer().trace(Constants())
     assert _summary(mine) == _summary(theirs)
     assert attrs(mine) == attrs(theirs)
@@ -70,21 +85,23 @@ def test_constants_get_the_names_fx_gives():
     assert sum(a.startswith("_tensor_constant") for a in attrs(mine)) == 3
 
 
-def test_traced_module_computes_the_same():
+@TRACERS
+def test_traced_module_computes_the_same(tracer):
     torch.manual_seed(0)
     m = Tied()
-    gm = fx.GraphModule(m, SurgeonTracer().trace(m))
+    gm = fx.GraphModule(m, tracer().trace(m))
     x = torch.randn(3, 4)
     torch.testing.assert_close(gm(x), m(x), rtol=0, atol=0)
 
 
-def test_iterating_a_proxy_still_fails_clearly():
+@TRACERS
+def test_iterating_a_proxy_still_fails_clearly(tracer):
     class Loop(nn.Module):
         def forward(self, x):
             return sum(t for t in x)
 
     with pytest.raises(fx.proxy.TraceError, match="iterated"):
-        SurgeonTracer().trace(Loop())
+        tracer().trace(Loop())
 
 
 class Recurrent(nn.Module):
@@ -150,12 +167,15 @@ class Norms(nn.Module):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_norm_layers_skip_their_meta_kernels_with_the_same_metadata(channels_last, monkeypatch):
+def test_norm_layers_skip_their_meta_kernels_with_the_same_metadata(
+    channels_last, monkeypatch, fast
+):
     """On meta, norm layers and functions, activations and Linear give ``empty`` of their
     output shape without running (their meta kernels are slow): the shapes and dtypes of
     running them, on meta or for real."""
     import torch.nn.functional as F
 
+    from surgeon import _fast_shapes as rules
     from surgeon import shapes, tracing
     from surgeon.passes import find_sites
 
@@ -176,17 +196,15 @@ def test_norm_layers_skip_their_meta_kernels_with_the_same_metadata(channels_las
     shapes._on_real(real, (x,))
     slow = tracing.trace(model)
     with monkeypatch.context() as m:
-        m.setattr(shapes, "FUNCTION_RULES", {})  # every layer and function runs its kernel
-        m.setattr(shapes, "METHOD_RULES", {})
-        m.setattr(shapes, "_module_rule", lambda module, x: None)
+        m.setenv("SURGEON_FAST_SKIP", "rules")  # every layer and function runs its kernel
         shapes._on_meta(slow, (x,))
     meta = tracing.trace(model)
     layer_norm, hits = F.layer_norm, []
-    rules = {
+    table = {
         f: (lambda *a, f=f, r=r, **k: hits.append(f) or r(*a, **k))
-        for f, r in shapes.FUNCTION_RULES.items()
+        for f, r in rules.FUNCTION_RULES.items()
     }
-    monkeypatch.setattr(shapes, "FUNCTION_RULES", rules)
+    monkeypatch.setattr(rules, "FUNCTION_RULES", table)
     calls = []
     for name in ("batch_norm", "layer_norm", "group_norm", "linear", "relu", "conv2d"):
         fn = getattr(F, name)
@@ -199,7 +217,7 @@ def test_norm_layers_skip_their_meta_kernels_with_the_same_metadata(channels_las
     assert names == ["x", "bn_act", "relu"]  # bn_only applies no activation: not a site
 
 
-def test_uncompiled_graph_module_generates_its_code_on_first_call():
+def test_uncompiled_graph_module_generates_its_code_on_first_call(fast):
     from surgeon.tracing import graph_module
 
     model = Tied().eval()
@@ -214,7 +232,7 @@ def test_uncompiled_graph_module_generates_its_code_on_first_call():
     assert isinstance(gm, fx.GraphModule) and type(gm).__name__ == "Tied"
 
 
-def test_module_stack_names_the_model_classes_while_watched():
+def test_module_stack_names_the_model_classes_while_watched(fast):
     from surgeon.tracing import watch_training
 
     class Reader(nn.Module):
@@ -227,7 +245,7 @@ def test_module_stack_names_the_model_classes_while_watched():
 
     model = nn.Sequential(Reader())
     with watch_training(model) as reads:
-        graph = SurgeonTracer().trace(model)
+        graph = _FastTracer(reads=reads).trace(model)
     assert reads.seen
     stacks = [n.meta["nn_module_stack"] for n in graph.nodes if "nn_module_stack" in n.meta]
     assert stacks and all(type(s) is __import__("collections").OrderedDict for s in stacks)
