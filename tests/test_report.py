@@ -13,7 +13,7 @@ import typer
 from surgeon_cli.common import report_error
 from surgeon_cli.report import report_command
 
-from surgeon import analysis
+from surgeon import analysis, rundir
 from surgeon.analysis.report import _site_order, epochs_to_target, summary_row
 from surgeon.errors import AnalysisError, SurgeonError
 
@@ -251,3 +251,29 @@ def test_cli_report_errors(case, tmp_path, capsys, recipe):
 def test_no_runs_is_an_analysis_error(tmp_path):
     with pytest.raises(AnalysisError, match="holds no runs"):
         analysis.build_report([tmp_path], tmp_path / "out")
+
+
+def test_run_folder_files_keep_their_bytes(tmp_path):
+    """The run-folder writers (surgeon.rundir) write the format runs have always had."""
+    summary = {"name": "r", "variant": "plain", "lr": 0.04, "seed": 0, "status": "ok", "x": 1}
+    rundir.write_summary(tmp_path, summary)
+    assert (tmp_path / "summary.json").read_bytes() == (
+        json.dumps(summary, indent=2) + "\n"
+    ).encode()
+    header = b"name,variant,lr,seed,status,final_val_err,best_val_err,best_epoch,epochs_run,"
+    header += b"steps,diverged_at_step,message\r\n"
+    assert (tmp_path / "summary.csv").read_bytes() == header + b"r,plain,0.04,0,ok,,,,,,,\r\n"
+    rundir.write_results(tmp_path, "quick", [summary])
+    assert json.loads((tmp_path / "results.json").read_text()) == {
+        "recipe": "quick",
+        "runs": [summary],
+    }
+    assert (tmp_path / "results.csv").read_bytes() == (tmp_path / "summary.csv").read_bytes()
+    rows = [{"type": "step", "step": s, "loss": 1.5} for s in (1, 2)] + [
+        {"type": "epoch", "epoch": 1}
+    ]
+    rundir.append_metrics(tmp_path, rows)
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in rows)
+    rundir.truncate_metrics(tmp_path, step=1, epoch=0)  # as a resume from step 1 does
+    assert rundir.read_metrics(tmp_path)[:2] == ([rows[0]], [])
+    assert rundir.is_run_folder(tmp_path) and not list(tmp_path.glob(".*"))
