@@ -19,10 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
+from . import passes  # noqa: F401  (importing the passes registers how to replay them)
 from ._version import __version__
 from .errors import SurgeonError
-from .record import FORMAT, FORMAT_VERSION, SurgeryRecord
-from .record import rebuild as rebuild_record
+from .models.sources import build_model
+from .record import FORMAT, FORMAT_VERSION, SurgeryRecord, replay
 from .rundir import CODE_FILE, RECORD_FILE, WEIGHTS_FILE
 
 
@@ -235,7 +236,16 @@ def read_record(folder: str | Path) -> SurgeryRecord:
 
 def rebuild(rec: SurgeryRecord | dict[str, Any]) -> nn.Module:
     """Build the model from its spec and replay the recorded passes (weights at init)."""
-    return rebuild_record(rec if isinstance(rec, SurgeryRecord) else SurgeryRecord.from_dict(rec))
+    if not isinstance(rec, SurgeryRecord):
+        rec = SurgeryRecord.from_dict(rec)
+    if rec.source is None:
+        raise SurgeonError(
+            "the record does not say how the model was built", hint="re-save the model"
+        )
+    model: nn.Module = build_model(rec.source["spec"], rec.source.get("args") or {})
+    for entry in rec.passes:
+        model = replay(model, entry)
+    return model
 
 
 def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -2,15 +2,14 @@
 
 Every pass reads the record of its input (:meth:`SurgeryRecord.of`), adds one
 :class:`PassEntry` and its results, and attaches the new record to its output
-(:func:`attach`). ``surgery.json`` is :meth:`SurgeryRecord.to_dict` plus the library
-versions; :func:`rebuild` builds the model from its spec and replays the passes, each
-through the replay function it registered with :func:`register_pass`.
+(:func:`finish`). ``surgery.json`` is :meth:`SurgeryRecord.to_dict` plus the library
+versions; :func:`surgeon.io.rebuild` builds the model from its spec and replays the passes,
+each through the function it registered with :func:`register_pass`.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,7 +167,6 @@ def finish(model: nn.Module, record: SurgeryRecord, training: bool) -> nn.Module
 
 Replay = Callable[[nn.Module, PassEntry], nn.Module]
 PASSES: dict[str, Replay] = {}
-# the package whose passes register themselves on import; rebuild() imports it
 
 
 def register_pass(name: str, replay: Replay) -> Callable:
@@ -181,22 +179,10 @@ def register_pass(name: str, replay: Replay) -> Callable:
     return deco
 
 
-def rebuild(record: SurgeryRecord) -> nn.Module:
-    """Build the model from its spec and replay the recorded passes (weights at init)."""
-    from .models.sources import build_model
-
-    importlib.import_module("surgeon.passes")
-    if record.source is None:
-        raise SurgeonError(
-            "the record does not say how the model was built", hint="re-save the model"
-        )
-    model: nn.Module = build_model(record.source["spec"], record.source.get("args") or {})
-    for entry in record.passes:
-        replay = PASSES.get(entry.name)
-        if replay is None:
-            raise SurgeonError(
-                f"unknown pass {entry.name!r} in the record", hint="upgrade fx-surgeon"
-            )
-        model.train(entry.traced_in == "train")
-        model = replay(model, entry)
-    return model
+def replay(model: nn.Module, entry: PassEntry) -> nn.Module:
+    """Apply the recorded pass ``entry`` again, in the train/eval mode it was traced in."""
+    fn = PASSES.get(entry.name)
+    if fn is None:
+        raise SurgeonError(f"unknown pass {entry.name!r} in the record", hint="upgrade fx-surgeon")
+    model.train(entry.traced_in == "train")
+    return fn(model, entry)
