@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any
 
@@ -21,8 +22,9 @@ def _no_type(option: Any) -> Any:
     return option
 
 
-class Command(TyperCommand):
-    """A typer command whose ``--help`` shows flags without a value type."""
+class _Flags:
+    """Shows a command's flags (and ``--help``) without a value type, and its arguments in
+    the usage line as ``MODEL`` rather than ``{MODEL}``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -32,17 +34,16 @@ class Command(TyperCommand):
     def get_help_option(self, ctx: Any) -> Any:
         return _no_type(super().get_help_option(ctx))
 
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [re.sub(r"\{([^{}]*)\}", r"\1", p) for p in super().collect_usage_pieces(ctx)]
 
-class Group(TyperGroup):
-    """The ``surgeon`` group, its flags shown as :class:`Command` shows them."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for p in self.params:
-            _no_type(p)
+class Command(_Flags, TyperCommand):
+    """A ``surgeon`` command."""
 
-    def get_help_option(self, ctx: Any) -> Any:
-        return _no_type(super().get_help_option(ctx))
+
+class Group(_Flags, TyperGroup):
+    """The ``surgeon`` group."""
 
 
 def report_error(exc: SurgeonError) -> int:

@@ -20,7 +20,7 @@ def inspect_params_command(
         list[Path],
         typer.Argument(
             help="run folders, saved model folders, checkpoints or snapshot .safetensors files",
-            metavar="TARGET...",
+            metavar="TARGET",
             show_default=False,
         ),
     ],

@@ -20,7 +20,7 @@ def report_command(
         list[Path],
         typer.Argument(
             help="run folders and/or recipe folders (written by surgeon train)",
-            metavar="FOLDER...",
+            metavar="FOLDER",
             show_default=False,
         ),
     ],
