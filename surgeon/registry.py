@@ -39,13 +39,13 @@ class ActivationEntry:
     gate_candidate: bool = False  # sigmoid-like: reported as "gate" when it multiplies features
 
 
-ACT_MODULES: dict[type, ActivationEntry] = {}
+_ACT_MODULES: dict[type, ActivationEntry] = {}
 ACT_FUNCTIONS: dict[Callable, ActivationEntry] = {}
 ACT_METHODS: dict[str, ActivationEntry] = {}
 # Modules whose output is an activation's output only when a condition on the instance holds
 # (e.g. timm's BatchNormAct2d with apply_act=True); the predicate gets the module.
-NORM_ACT_MODULES: dict[type, Callable[[nn.Module], bool]] = {}
-LEAF_MODULES: set[type] = set()
+_NORM_ACT_MODULES: dict[type, Callable[[nn.Module], bool]] = {}
+_LEAF_MODULES: set[type] = set()
 # timm's leaf modules that fx-surgeon traces into anyway, by qualified name, each with the
 # reason timm's own reason for the leaf does not apply here.
 TRACE_THROUGH: dict[str, str] = {
@@ -68,8 +68,8 @@ def register_activation(
     if isinstance(obj, str):
         ACT_METHODS[obj] = entry
     elif isinstance(obj, type) and issubclass(obj, nn.Module):
-        ACT_MODULES[obj] = entry
-        LEAF_MODULES.add(obj)
+        _ACT_MODULES[obj] = entry
+        _LEAF_MODULES.add(obj)
     elif callable(obj):
         ACT_FUNCTIONS[obj] = entry
     else:
@@ -81,13 +81,13 @@ def register_activation(
 
 def register_norm_act(cls: type, applies_act: Callable[[nn.Module], bool] | None = None) -> None:
     """Register a fused norm+activation leaf module whose output is the activation output."""
-    NORM_ACT_MODULES[cls] = applies_act or _has_real_act
-    LEAF_MODULES.add(cls)
+    _NORM_ACT_MODULES[cls] = applies_act or _has_real_act
+    _LEAF_MODULES.add(cls)
 
 
 def register_leaf_module(cls: type) -> type:
     """Make the tracer treat ``cls`` as one opaque node (usable as a decorator)."""
-    LEAF_MODULES.add(cls)
+    _LEAF_MODULES.add(cls)
     return cls
 
 
@@ -166,7 +166,7 @@ def _register_timm() -> None:
     try:
         from timm.layers import DropBlock2d, DropPath
 
-        LEAF_MODULES.update({DropPath, DropBlock2d})  # reason: drop_path(x, p, self.training)
+        _LEAF_MODULES.update({DropPath, DropBlock2d})  # reason: drop_path(x, p, self.training)
     except ImportError:
         pass
 
@@ -183,7 +183,7 @@ def _register_torchvision() -> None:
         from torchvision.ops import StochasticDepth
     except ImportError:
         return
-    LEAF_MODULES.add(StochasticDepth)  # reason: stochastic_depth(..., self.training)
+    _LEAF_MODULES.add(StochasticDepth)  # reason: stochastic_depth(..., self.training)
 
 
 _register_torch()
@@ -198,16 +198,25 @@ def sync() -> None:
 def leaf_modules() -> set[type]:
     """Every registered leaf module class (activations included)."""
     sync()
-    return LEAF_MODULES
+    return _LEAF_MODULES
+
+
+def __getattr__(name: str):
+    """``ACT_MODULES``, ``NORM_ACT_MODULES`` and ``LEAF_MODULES``, complete with timm's and
+    torchvision's classes once those are imported."""
+    if name in ("ACT_MODULES", "NORM_ACT_MODULES", "LEAF_MODULES"):
+        sync()
+        return globals()[f"_{name}"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def lookup_module(module: nn.Module) -> tuple[str, bool] | None:
     """``(kind, gate_candidate)`` if ``module`` is a registered activation, else None."""
     sync()
     for cls in type(module).__mro__:
-        if cls in ACT_MODULES:
-            e = ACT_MODULES[cls]
+        if cls in _ACT_MODULES:
+            e = _ACT_MODULES[cls]
             return e.kind, e.gate_candidate
-        if cls in NORM_ACT_MODULES:
-            return ("norm_act", False) if NORM_ACT_MODULES[cls](module) else None
+        if cls in _NORM_ACT_MODULES:
+            return ("norm_act", False) if _NORM_ACT_MODULES[cls](module) else None
     return None

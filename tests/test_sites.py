@@ -224,7 +224,7 @@ def test_leaf_makes_a_block_opaque(forms) -> None:
 
 
 def test_register_leaf_module_makes_a_class_opaque(forms, monkeypatch) -> None:
-    monkeypatch.setattr(registry, "LEAF_MODULES", set(registry.LEAF_MODULES))
+    monkeypatch.setattr(registry, "_LEAF_MODULES", set(registry.LEAF_MODULES))
 
     class Block(nn.Sequential):
         pass
@@ -270,10 +270,10 @@ def test_register_activation_extends_the_registry(monkeypatch) -> None:
         def forward(self, x):
             return self.fc2(self.act(self.fc1(x)))
 
-    monkeypatch.setattr(registry, "ACT_MODULES", dict(registry.ACT_MODULES))
+    monkeypatch.setattr(registry, "_ACT_MODULES", dict(registry.ACT_MODULES))
     monkeypatch.setattr(registry, "ACT_FUNCTIONS", dict(registry.ACT_FUNCTIONS))
     monkeypatch.setattr(registry, "ACT_METHODS", dict(registry.ACT_METHODS))
-    monkeypatch.setattr(registry, "LEAF_MODULES", set(registry.LEAF_MODULES))
+    monkeypatch.setattr(registry, "_LEAF_MODULES", set(registry.LEAF_MODULES))
     assert [s.name for s in surgeon.find_sites(Net())] == ["x"]
     surgeon.register_activation(Square)
     sites = surgeon.find_sites(Net())
