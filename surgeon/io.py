@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import fx, nn
 
 from . import passes  # noqa: F401  (importing the passes registers how to replay them)
@@ -25,6 +25,7 @@ from .errors import SurgeonError
 from .models.sources import build_model
 from .record import FORMAT, FORMAT_VERSION, SurgeryRecord, replay
 from .rundir import CODE_FILE, RECORD_FILE, WEIGHTS_FILE
+from .trust import check_record, check_source, portable_spec
 
 
 def versions() -> dict[str, str]:
@@ -39,10 +40,23 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path, folder: bool = False) -> None:
+    """Give a file made by ``mkstemp`` (0600) or a folder made by ``mkdtemp`` (0700) the
+    permissions a plain ``open``/``mkdir`` would: 0666 or 0777 less the umask."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON via a temp file in the same folder, fsync, then ``os.replace``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    follow_umask(tmp)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
@@ -84,6 +98,11 @@ def write_weights(model: nn.Module, path: str | Path) -> None:
     copies (safetensors' own ``save_model`` fails on those: eva02's rotary buffers). The
     metadata is one fixed entry, so the same weights give the same bytes."""
     state = model.state_dict()
+    if any(t.is_meta for t in state.values()):
+        raise SurgeonError(
+            "cannot save a model on the meta device: it has no weights",
+            hint="build the model with real weights (not on device='meta') before saving",
+        )
     aliases = {dup: names[0] for names in _alias_groups(state) for dup in names[1:]}
     kept = {k: v.detach() for k, v in state.items() if k not in aliases}
     ptrs: dict[int, int] = {}
@@ -98,24 +117,111 @@ def write_weights(model: nn.Module, path: str | Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def read_weights(model: nn.Module, path: str | Path) -> None:
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    """Names of the state dict that are one tensor: by storage for real tensors, by object
+    for a model on the meta device (whose tensors have no storage to compare)."""
+    state = model.state_dict(keep_vars=True)
+    if not any(t.is_meta for t in state.values()):
+        return _alias_groups({k: v.detach() for k, v in state.items()})
+    groups: dict[int, list[str]] = {}
+    for name, t in state.items():
+        groups.setdefault(id(t), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (dtype, shape)}`` from a safetensors file's header, without reading its data;
+    one-line errors for a missing, truncated or garbled file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            out = {}
+            for name in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                sl = f.get_slice(name)
+                out[name] = (str(sl.get_dtype()), tuple(int(d) for d in sl.get_shape()))
+            return out
+    except Exception as exc:  # SafetensorError derives from Exception; OSError for a missing file
+        raise SurgeonError(
+            f"{path} is not a readable safetensors file: {_first_line(exc)}",
+            hint="the file is damaged or truncated; re-save the model",
+        ) from None
+
+
+def _read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, each in memory of its own: the file's own buffer
+    is not aligned for every kernel (oneDNN picks other code paths for unaligned weights,
+    which changes results in the last bits). One tensor at a time is copied, so memory stays
+    the file's size plus its largest tensor."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118  (safe_open has no __iter__)
+            out[name] = f.get_tensor(name).clone()
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] if text else type(exc).__name__
+
+
+def read_weights(model: nn.Module, path: str | Path, assign: bool = False) -> None:
     """Load what :func:`write_weights` (or safetensors' ``save_model``) wrote into
-    ``model``, strictly: every key of the model's state dict, nothing else."""
-    state = load_file(str(path))
-    own = model.state_dict()
-    for names in _alias_groups(own):  # tied tensors are in the file under one of their names
+    ``model``, strictly: every key of the model's state dict, nothing else, each of the
+    shape the model expects (checked on the file's header before its data is read).
+    ``assign`` replaces the model's tensors (a model built on the meta device)."""
+    header = read_header(path)
+    own = model.state_dict(keep_vars=True)
+    groups = _tied_groups(model)
+    for names in groups:  # tied tensors are in the file under one of their names
+        present = [n for n in names if n in header]
+        for n in names:
+            if n not in header and present:
+                header[n] = header[present[0]]
+    missing = sorted(set(own) - set(header))
+    unexpected = sorted(set(header) - set(own))
+    if missing or unexpected:
+        raise SurgeonError(
+            f"{path} does not fit the rebuilt model: {len(missing)} missing keys "
+            f"({', '.join(missing[:3])}), {len(unexpected)} unexpected ({', '.join(unexpected[:3])})",
+            hint="the weights were edited or saved by another model; re-save the model",
+        )
+    wrong = [n for n, t in own.items() if tuple(t.shape) != header[n][1]]
+    if wrong:
+        shown = ", ".join(
+            f"{n} {list(header[n][1])} (expected {list(own[n].shape)})" for n in wrong[:3]
+        )
+        raise SurgeonError(
+            f"{path} does not fit the rebuilt model: {len(wrong)} tensors of another shape: {shown}",
+            hint="the record or the weights were edited; re-save the model",
+        )
+    try:
+        state = _read_tensors(path)
+    except Exception as exc:
+        raise SurgeonError(
+            f"{path} is not a readable safetensors file: {_first_line(exc)}",
+            hint="the file is damaged or truncated; re-save the model",
+        ) from None
+    for names in groups:
         present = [n for n in names if n in state]
         for n in names:
             if n not in state and present:
                 state[n] = state[present[0]]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise RuntimeError(
-            f"{len(missing)} missing keys ({', '.join(missing[:3])}), "
-            f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})"
-        )
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=assign)
+    except (RuntimeError, ValueError) as exc:
+        raise SurgeonError(
+            f"{path} does not fit the rebuilt model: {_first_line(exc)}",
+            hint="the weights were edited or saved by another model; re-save the model",
+        ) from None
+    if assign:  # assign makes one parameter per key: tie them again
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for names in groups:
+            for n in names[1:] if names[0] in params else ():
+                parent, _, attr = n.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, attr, params[names[0]])
 
 
 def write_model_files(
@@ -124,10 +230,11 @@ def write_model_files(
     """Write ``surgery.json`` and ``model.safetensors`` into an existing folder, each atomically
     (a run folder holds its final model this way)."""
     folder = Path(folder)
-    meta = _meta(record_of(model), training=False)
+    meta = _meta(record_of(model), training=False, folder=folder)
     meta.update(extra or {})
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
     os.close(fd)
+    follow_umask(tmp)
     try:
         write_weights(model, tmp)
         os.replace(tmp, folder / WEIGHTS_FILE)
@@ -137,13 +244,16 @@ def write_model_files(
     write_json_atomic(folder / RECORD_FILE, meta)
 
 
-def _meta(rec: SurgeryRecord, training: bool) -> dict[str, Any]:
-    """What ``surgery.json`` holds: the format, the versions, the record, the mode."""
+def _meta(rec: SurgeryRecord, training: bool, folder: Path) -> dict[str, Any]:
+    """What ``surgery.json`` in ``folder`` holds: the format, the versions, the record (a
+    model file's path relative to the folder), the mode."""
+    d = rec.to_dict()
+    d["source"]["spec"] = portable_spec(d["source"]["spec"], folder)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "versions": versions(),
-        **rec.to_dict(),
+        **d,
         "training": training,
     }
 
@@ -160,8 +270,9 @@ def save(model: nn.Module, folder: str | Path) -> Path:
     _check_replaceable(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    follow_umask(tmp, folder=True)
     try:
-        meta = _meta(rec, training=model.training)
+        meta = _meta(rec, training=model.training, folder=folder)
         write_json_atomic(tmp / RECORD_FILE, meta)
         write_weights(model, tmp / WEIGHTS_FILE)
         if isinstance(model, fx.GraphModule):
@@ -248,23 +359,46 @@ def rebuild(rec: SurgeryRecord | dict[str, Any]) -> nn.Module:
     return model
 
 
-def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a saved surgered model and load its weights strictly."""
+def load(
+    folder: str | Path, device: str | torch.device = "cpu", *, trust_code: bool = False
+) -> nn.Module:
+    """Rebuild a saved surgered model and load its weights strictly.
+
+    The record is checked first (known passes, bounded sizes, the trust rules of
+    :mod:`surgeon.trust`: a model defined by a ``.py`` file is built only with
+    ``trust_code=True``), then the model is rebuilt on the meta device where it can be, so
+    memory follows the weights file, and the weights' header is checked before its data.
+    """
     folder = Path(folder)
     meta = read_meta(folder)
+    rec = SurgeryRecord.from_dict(meta)
+    check_record(rec, folder)
+    rec.source = check_source(rec, folder, trust_code)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise SurgeonError(f"{folder} has no {WEIGHTS_FILE}", hint="re-save the model")
-    model = rebuild(SurgeryRecord.from_dict(meta))
-    try:
+    read_header(weights)  # a damaged file fails here, before anything is built
+    model = _rebuild_on_meta(rec)
+    if model is None:
+        model = rebuild(rec)
         read_weights(model, weights)
-    except (RuntimeError, OSError, ValueError) as exc:  # safetensors' key/shape/format errors
-        text = str(exc).strip()
-        reason = " ".join(text.split())[:300] if text else type(exc).__name__
-        raise SurgeonError(
-            f"{weights} does not fit the rebuilt model: {reason}",
-            hint="the weights were edited or saved by another model; re-save the model",
-        ) from exc
+    else:
+        read_weights(model, weights, assign=True)
     model.to(device)
     model.train(bool(meta.get("training", False)))
+    return model
+
+
+def _rebuild_on_meta(rec: SurgeryRecord) -> nn.Module | None:
+    """The model rebuilt with no memory for its weights, or None where that cannot work:
+    the rebuild needs real tensors, or a buffer outside the state dict (computed in
+    ``__init__``, like timm's relative position indices) would stay empty."""
+    try:
+        with torch.device("meta"):
+            model = rebuild(rec)
+    except Exception:  # an op without a meta kernel, a data-dependent eager run: for real
+        return None
+    persistent = set(model.state_dict())
+    if any(b.is_meta and n not in persistent for n, b in model.named_buffers()):
+        return None
     return model
