@@ -67,7 +67,7 @@ def _root(
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: known errors become one line on stderr and exit code 2."""
     try:
-        rv = app(args=argv, standalone_mode=False)
+        rv = app(args=argv, prog_name="surgeon", standalone_mode=False)
         if isinstance(rv, int):
             return rv
     except SurgeonError as exc:

@@ -307,8 +307,10 @@ def test_debug_env_shows_the_traceback(monkeypatch) -> None:
 
 
 def test_usage_errors_exit_2(capsys) -> None:
-    assert main(["insert"]) == 2  # missing MODEL: click's usage error
-    assert "Missing argument" in capsys.readouterr().err
+    assert main(["insert"]) == 2  # missing MODEL: click's usage error, as one line
+    assert capsys.readouterr().err == (
+        "error: missing argument 'MODEL'. hint: see `surgeon insert --help`\n"
+    )
 
 
 def test_run_exits_with_the_code_of_main(monkeypatch) -> None:
