@@ -42,6 +42,12 @@ def fold_command(
         bool,
         typer.Option("--json", help="print one JSON object on stdout instead of tables"),
     ] = False,
+    trust_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-code", help="allow the saved model to run the .py file its record names"
+        ),
+    ] = False,
 ) -> None:
     """Fold shift/scale modules into the neighbouring Linear/conv/BatchNorm where exact."""
     read_record(model_dir)  # a clear error for a folder that is not a saved model
@@ -54,7 +60,7 @@ def fold_command(
             f"refusing to write into {output}: it exists and is not a saved model",
             hint="choose an empty or new folder with -o",
         )
-    model = surgeon.load(model_dir)
+    model = surgeon.load(model_dir, trust_code=trust_code)
     size = _parse_size(input_size) if input_size is not None else None
     folded, report = surgeon.fold(model, input_size=size)
     diff, top = report.max_abs_diff, report.max_abs_output or 0.0

@@ -115,6 +115,7 @@ def write_weights(model: nn.Module, path: str | Path) -> None:
         for k, t in kept.items()
     }  # fmt: skip
     save_file(tensors, str(path), metadata={"format": "pt"})
+    follow_umask(path)  # safetensors creates its files 0600
 
 
 def _tied_groups(model: nn.Module) -> list[list[str]]:

@@ -82,18 +82,43 @@ def check_source(rec: SurgeryRecord, folder: Path, trust_code: bool) -> dict[str
     return {"spec": spec, "args": dict(args)}
 
 
+def _strings(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= 1024 and all(isinstance(s, str) for s in v)
+
+
+# what each option of a recorded pass may hold
+_OPTIONS = {
+    "shift": lambda v: v in MODES,
+    "scale": lambda v: v in MODES,
+    "include": _strings,
+    "exclude": _strings,
+    "leaf": _strings,
+    "fused": lambda v: isinstance(v, bool),
+    "fallback": lambda v: v in ("auto", "eager", "never"),
+    "traced_in": lambda v: v in ("train", "eval"),
+    "method": lambda v: v in ("fx", "hybrid", "eager"),
+}
+_REQUIRED = {"shift_scale": ("shift", "scale")}
+
+
 def check_record(rec: SurgeryRecord, folder: Path) -> None:
-    """Every pass known, modes valid, input sizes bounded: before anything is built."""
+    """Every pass known, its options of the right kind, input sizes bounded: before anything
+    is built."""
     where = folder / "surgery.json"
     for entry in rec.passes:
         if entry.name not in PASSES:
             raise SurgeonError(
                 f"{where}: unknown pass {entry.name!r}", hint="upgrade fx-surgeon or re-save"
             )
-        for key in ("shift", "scale"):
-            if key in entry.options and entry.options[key] not in MODES:
+        for key in _REQUIRED.get(entry.name, ()):
+            if key not in entry.options:
                 raise SurgeonError(
-                    f"{where}: pass {entry.name} has an invalid {key} mode {entry.options[key]!r}",
+                    f"{where}: pass {entry.name} has no {key}", hint="re-save the model"
+                )
+        for key, ok in _OPTIONS.items():
+            if key in entry.options and not ok(entry.options[key]):
+                raise SurgeonError(
+                    f"{where}: pass {entry.name} has an invalid {key} {entry.options[key]!r}",
                     hint="re-save the model",
                 )
         size = entry.options.get("input_size")
