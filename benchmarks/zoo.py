@@ -27,6 +27,11 @@ address space (``--mem-gb``).
     python benchmarks/zoo.py --time-only --csv benchmarks/results/zoo_times.csv
                                                    # only the insert times, models on meta
                                                    # (each worker warms up on two small models)
+    python benchmarks/zoo.py --time-only --no-fast --csv benchmarks/results/zoo_plain.csv
+    python benchmarks/zoo.py --compare-sites benchmarks/results/zoo_plain.csv
+                                                   # the same, fast path off (SURGEON_FAST=0);
+                                                   # then its methods and site counts against
+                                                   # zoo.csv, into zoo_plain_sites.json
 """
 
 from __future__ import annotations
@@ -177,9 +182,9 @@ def run_one(spec: str, max_params: float, checks: bool = False) -> dict:
     import torch
 
     import surgeon
-    from surgeon.coverage import compare, count_activation_calls
     from surgeon.models.sources import default_input_size
-    from surgeon.report_insert import max_abs_diff_at_init
+    from surgeon.recall import compare, count_activation_calls
+    from surgeon.verify import max_abs_diff_at_init
 
     row: dict = {"model": spec, "status": "error", "handled": False}
     model = _build_meta_first(spec)
@@ -196,7 +201,7 @@ def run_one(spec: str, max_params: float, checks: bool = False) -> dict:
     t = time.perf_counter()
     gm = surgeon.insert(model, "layer", "layer", input_size=size, fallback="auto")
     row["time_s"] = round(time.perf_counter() - t, 3)
-    rec = gm.surgeon_record
+    rec = gm.surgeon_record.to_dict()
     sites = rec["sites"]
     kinds = Counter(s["kind"] for s in sites)
     row.update(
@@ -246,7 +251,7 @@ def time_one(spec: str) -> dict:
     t = time.perf_counter()
     gm = surgeon.insert(model, "layer", "layer", input_size=size, fallback="auto")
     elapsed = time.perf_counter() - t
-    rec = gm.surgeon_record
+    rec = gm.surgeon_record.to_dict()
     return {
         "model": spec, "status": "ok", "handled": True, "method": rec.get("method", "fx"),
         "time_s": round(elapsed, 3), "sites": len(rec["sites"]),
@@ -301,8 +306,9 @@ class Worker:
         cmd = [sys.executable, __file__, "--worker", "--max-params", str(args.max_params),
                "--mem-gb", str(args.mem_gb)] + (["--checks"] if args.checks else []) \
             + (["--time-only"] if args.time_only else [])  # fmt: skip
+        env = {**os.environ, **({"SURGEON_FAST": "0"} if args.no_fast else {})}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=log, text=True, bufsize=1)  # fmt: skip
+                                     stderr=log, text=True, bufsize=1, env=env)  # fmt: skip
         self.done = 0
 
     def ask(self, spec: str, timeout: float) -> dict:
@@ -526,6 +532,35 @@ def write_summary(csv_path: Path, doc: Path, times_path: Path | None = None) -> 
     return table
 
 
+def compare_sites(path: Path, reference: Path) -> dict:
+    """Each model's method and number of sites in ``path`` against ``reference``."""
+    ref = {r["model"]: r for r in read_rows(reference)}
+    rows = read_rows(path)
+    same, differ, missing = [], [], []
+    for r in rows:
+        want = ref.get(r["model"])
+        if want is None:
+            missing.append(r["model"])
+        elif (r["status"], r["method"], r["sites"]) == (
+            want["status"],
+            want["method"],
+            want["sites"],
+        ):
+            same.append(r["model"])
+        else:
+            differ.append(
+                {k: (r.get(k), want.get(k)) for k in ("model", "status", "method", "sites")}
+            )
+    times = sorted(float(r["time_s"]) for r in rows if r.get("time_s"))
+    return {
+        "compared": str(path.relative_to(ROOT)), "reference": str(reference.relative_to(ROOT)),
+        "models": len(rows), "same_method_and_sites": len(same), "different": differ,
+        "not_in_reference": missing,
+        "insert_s": {"median": statistics.median(times), "p95": _p95(times), "max": times[-1]}
+        if times else {},
+    }  # fmt: skip
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -552,8 +587,20 @@ def main() -> None:
                    help="only time insert, every model on meta (write --csv, e.g. zoo_times.csv)")  # fmt: skip
     p.add_argument("--times", default=str(TIMES_PATH),
                    help="with --summary: take the insert times from this CSV if it exists")  # fmt: skip
+    p.add_argument("--no-fast", action="store_true",
+                   help="workers run with the fast path off (SURGEON_FAST=0)")  # fmt: skip
+    p.add_argument("--compare-sites", default="",
+                   help="compare the methods and site counts of this CSV with --csv")  # fmt: skip
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.compare_sites:
+        path = Path(args.compare_sites)
+        report = compare_sites(path, Path(args.csv))
+        out = path.with_name(path.stem + "_sites.json")
+        out.write_text(json.dumps(report, indent=1))
+        print(f"{report['same_method_and_sites']}/{report['models']} the same; "
+              f"{len(report['different'])} differ; written to {out}")  # fmt: skip
+        return
     if args.worker:
         worker(args.max_params, args.mem_gb, args.checks, args.time_only)
         return

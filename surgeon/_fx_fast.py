@@ -7,13 +7,15 @@ says why not), and unless ``SURGEON_FAST=0``. Anywhere else the plain path runs
 turns named speed-ups off one by one (``SPEEDUPS``; ``benchmarks/insert_phases.py``).
 
 - ``tracer``: parameter and tensor reads are dictionary lookups (fx scans
-  ``named_parameters()`` per read: quadratic), unpacking a proxy does not disassemble the
-  caller's bytecode each time, and fx's per-node copy of its module stack is a dict copy;
+  ``named_parameters()`` per read: quadratic), and unpacking a proxy does not disassemble
+  the caller's bytecode each time;
 - ``replays``: a module call that reads ``self.training`` is traced again alone, in the
   other mode, into a scratch graph (fx's name counters restored after it), instead of the
   whole model traced twice;
 - ``codegen``: a GraphModule whose code is generated on its first call (the passes change
-  the graph before it runs), instead of once at construction and once after the change.
+  the graph before it runs), instead of once at construction and once after the change;
+- ``rules``: on meta tensors, shape rules (``surgeon._fast_shapes``) answer for the common
+  ops instead of torch's meta kernels, many of which are slow Python decompositions.
 """
 
 from __future__ import annotations
@@ -116,16 +118,10 @@ class _Attribute(_Proxy, fx.proxy.Attribute):
     """fx's lazily recorded attribute proxy (``x.shape``) with :class:`_Proxy`'s ``__iter__``."""
 
 
-# arguments fx passes through unchanged (``torch.fx.node.base_types`` without tensors)
-_PLAIN_ARGS = frozenset(
-    t for t in (*fx.node.base_types, type(None), type(...)) if not issubclass(t, torch.Tensor)
-)
-
-
 class _ModuleStack(collections.OrderedDict):
-    """fx's stack of the modules being traced, copied into every node's meta: ``copy.copy``
-    of an OrderedDict goes through ``__reduce_ex__`` (a twentieth of a trace). Watched
-    classes (:func:`watch_training`) are recorded as the classes they stand for."""
+    """fx's stack of the modules being traced, copied into every node's meta as the plain
+    OrderedDict fx makes, with watched classes (:func:`watch_training`) recorded as the
+    classes they stand for."""
 
     def __copy__(self) -> collections.OrderedDict:
         return collections.OrderedDict(self)
@@ -138,11 +134,6 @@ class _ModuleStack(collections.OrderedDict):
 class FastTracing(fx.Tracer):
     """Overrides for an ``fx.Tracer`` subclass (``surgeon.tracing`` mixes them into its
     tracer): the same graph, built with fewer of fx's per-call overheads."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if type(self.module_stack) is collections.OrderedDict:
-            self.module_stack = _ModuleStack()
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -170,11 +161,9 @@ class FastTracing(fx.Tracer):
         return buffers.get(id(value))
 
     def create_arg(self, a: Any) -> Any:
-        # the common arguments first: fx's create_arg asks each of them a dozen isinstance
+        # proxies and tensors first: fx's create_arg asks each argument a dozen isinstance
         # questions (parameter, module, named tuple, opaque type...) before the answer
         t = type(a)
-        if t in _PLAIN_ARGS:
-            return a
         if t is _Proxy or t is _Attribute:
             return a.node
         if t is tuple or t is list:

@@ -94,25 +94,9 @@ def shape_preserving_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-_MEMORY_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
 def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
-    """``torch.fx.passes.shape_prop._extract_tensor_metadata`` for plain dense tensors,
-    asking the tensor for its memory format (fx's version decides it in Python, a tenth
-    of shape propagation)."""
-    if (
-        type(t) not in (torch.Tensor, torch.nn.Parameter)
-        or t.is_quantized
-        or t.layout != torch.strided
-    ):
-        return _extract_tensor_metadata(t)
-    fmt = None
-    if t.is_contiguous():
-        fmt = torch.contiguous_format
-    elif t.dim() in _MEMORY_FORMATS and t.is_contiguous(memory_format=_MEMORY_FORMATS[t.dim()]):
-        fmt = _MEMORY_FORMATS[t.dim()]
-    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), fmt, False, {})
+    """What ``torch.fx.passes.shape_prop.ShapeProp`` records for a tensor."""
+    return _extract_tensor_metadata(t)
 
 
 def _any_meta(args) -> bool:

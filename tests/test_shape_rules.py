@@ -234,27 +234,6 @@ def test_reductions_take_the_plain_cases(name):
     assert check(rules.METHOD_RULES[name], fn, (x, -1))
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: torch.randn(2, 3, 4, 5),
-        lambda: torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
-        lambda: torch.randn(2, 3, 4, 5, 6).to(memory_format=torch.channels_last_3d),
-        lambda: torch.randn(2, 3, 1, 1).to(memory_format=torch.channels_last),  # both
-        lambda: torch.randn(4, 6).t(),  # neither
-        lambda: torch.randn(3, 4, 5)[:, 1:, ::2],
-        lambda: torch.nn.Parameter(torch.randn(3, 4)),
-        lambda: torch.randn(2, 3, 4, 5, device="meta").permute(0, 2, 3, 1),
-        lambda: torch.randn(3, 3).to_sparse(),  # fx's own version
-    ],
-)
-def test_tensor_metadata_is_fx_own(make):
-    from torch.fx.passes.shape_prop import _extract_tensor_metadata
-
-    t = make()
-    assert shapes.tensor_metadata(t) == _extract_tensor_metadata(t)
-
-
 ACTIVATIONS = [
     (F.relu, []), (F.relu6, []), (F.silu, []), (F.mish, []), (F.hardswish, []),
     (F.hardsigmoid, []), (F.selu, []), (F.sigmoid, []), (F.tanh, []), (torch.relu, []),
