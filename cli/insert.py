@@ -95,14 +95,35 @@ def insert_command(
             metavar="WHEN",
         ),
     ] = "auto",
+    check_limit: Annotated[
+        int,
+        typer.Option(
+            help="run the identity check on real weights only for models up to this many "
+            "parameters; larger ones are analysed on the meta device (no weights)",
+            metavar="N",
+        ),
+    ] = 50_000_000,
 ) -> None:
     """Insert shift/scale modules into MODEL and report the sites."""
     check_mode(shift, "shift mode")
     check_mode(scale, "scale mode")
+    import torch
+
     from surgeon.models import parse_model_args
     from surgeon.summary import insertion_summary
 
-    base = surgeon.build_model(model, parse_model_args(model_arg))
+    args = parse_model_args(model_arg)
+    with torch.device("meta"):  # the size first, without weights
+        sized = surgeon.build_model(model, args)
+    params = sum(p.numel() for p in sized.parameters())
+    big = params > check_limit and not replace_norm  # replace_norm needs the real statistics
+    skip = None
+    if big:
+        skip = f"{params:,} parameters > --check-limit {check_limit:,}"
+        base = surgeon.build_model(model, args) if output is not None else sized
+    else:
+        base = surgeon.build_model(model, args)
+    del sized
     replaced = None
     if replace_norm:
         base, replaced = _replace_norm(base, input_size, leaf)
@@ -110,9 +131,14 @@ def insert_command(
         warnings.simplefilter("ignore", UserWarning)
         gm = surgeon.insert(
             base, shift, scale, include=include, exclude=exclude, input_size=input_size,
-            leaf=leaf, fallback=fallback,
+            leaf=leaf, fallback=fallback, inplace=big,  # big: no second copy of the weights
         )  # fmt: skip
-    summary = insertion_summary(base, gm, spec=model, shift=shift, scale=scale)
+    summary = insertion_summary(
+        None if big else base, gm, spec=model, shift=shift, scale=scale, params_model=params,
+        skip_check=skip,
+    )  # fmt: skip
+    if skip:
+        err_console.print(f"note: identity check at init skipped: {escape(skip)}", soft_wrap=True)
     if replaced is not None:
         summary["replace_norm"] = replaced
     if output is not None:
@@ -174,10 +200,14 @@ def _print_table(summary: dict) -> None:
     console.print(table)
     pct = 100.0 * summary["params_added"] / max(summary["params_model"], 1)
     diff = summary["max_abs_diff_at_init"]
+    check = "not checked" if diff is None else f"{diff:g}"
+    verdict = (
+        "" if diff is None else " [green](identity)[/]" if diff == 0 else " [red](not identity)[/]"
+    )
     console.print(
-        f"{len(sites)} sites, {summary['params_added']:,} parameters added "
-        f"({pct:.4f}% of {summary['params_model']:,}); max |Δoutput| at init: {diff:g}"
-        + (" [green](identity)[/]" if diff == 0 else " [red](not identity)[/]")
+        f"{len(sites)} {'site' if len(sites) == 1 else 'sites'}, "
+        f"{summary['params_added']:,} parameters added "
+        f"({pct:.4f}% of {summary['params_model']:,}); max |Δoutput| at init: {check}{verdict}"
     )
     method = summary.get("method", "fx")
     how = {"fx": "the FX graph", "hybrid": "the FX graph + activation modules inside leaves",

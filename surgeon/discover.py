@@ -99,12 +99,14 @@ def analyse(
     example_inputs: Sequence[torch.Tensor] | None = None,
     leaf: Iterable[str | type] = (),
     fallback: str = "never",
+    inplace: bool = False,
 ) -> Analysis:
     """Trace a copy of ``model``, propagate shapes and find its sites.
 
     ``fallback``: ``never`` raises the tracer's error for a model FX cannot trace; ``auto``
     observes an eager copy instead, unless that reaches no activation call; ``eager`` always
-    observes.
+    observes. ``inplace`` works on ``model`` itself instead of a copy (no second copy of the
+    weights; the caller gives the model up).
     """
     check_fallback(fallback)
     leaf = list(leaf)
@@ -116,12 +118,12 @@ def analyse(
     why = None
     if fallback != "eager":
         try:
-            return _analyse_graph(model, inputs, types, size, names)
+            return _analyse_graph(model, inputs, types, size, names, inplace)
         except TraceError as exc:
             if fallback == "never":
                 raise
             why = exc
-    seen = eager.analyse_eager(model, inputs, types)
+    seen = eager.analyse_eager(model, inputs, types, copy_model=not inplace)
     a = Analysis(seen.model, seen.sites, size, names, "eager", seen.finals, seen.unreached, why)
     if why is not None:
         _check_reaches(a, why)
@@ -134,8 +136,9 @@ def _analyse_graph(
     leaf_types: list[type],
     size: tuple[int, ...],
     names: list[str],
+    inplace: bool,
 ) -> Analysis:
-    gm = trace(model, leaf_types, n_inputs=len(inputs), compile=False)  # the passes recompile
+    gm = trace(model, leaf_types, copy_model=not inplace, n_inputs=len(inputs), compile=False)
     if getattr(model, "surgeon_source", None) is not None:
         set_preserved(gm, "surgeon_source", copy.deepcopy(model.surgeon_source))
     found = module_sites.propagate_with_leaves(gm, inputs, leaf_types)

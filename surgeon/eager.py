@@ -98,9 +98,11 @@ def analyse_eager(
     model: nn.Module,
     inputs: Sequence[torch.Tensor],
     opaque: Sequence[type] = (),
+    copy_model: bool = True,
 ) -> Observed:
-    """Find the module-level sites of a deep copy of ``model`` by running it once."""
-    m = deepcopy_module(model)
+    """Find the module-level sites of a deep copy of ``model`` (of ``model`` itself without
+    ``copy_model``) by running it once."""
+    m = deepcopy_module(model) if copy_model else model
     everything = module_sites.activation_modules(m, enter_all=True)
     reachable = module_sites.activation_modules(m, opaque=tuple(opaque))
     targets = {p: v[0] for p, v in reachable.items() if not module_sites.has_attached(v[0])}

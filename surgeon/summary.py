@@ -19,9 +19,17 @@ def _count(p: torch.Tensor | None) -> int:
 
 
 def insertion_summary(
-    base: nn.Module, gm: nn.Module, *, spec: str, shift: str, scale: str
+    base: nn.Module | None,
+    gm: nn.Module,
+    *,
+    spec: str,
+    shift: str,
+    scale: str,
+    params_model: int | None = None,
+    skip_check: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON object of ``surgeon insert --json``."""
+    """The JSON object of ``surgeon insert --json``. ``skip_check`` says why the identity
+    check at init did not run (``max_abs_diff_at_init`` is then None); it needs ``base``."""
     rec = gm.surgeon_record
     mods = inserted_modules(gm)
     sites = []
@@ -40,9 +48,12 @@ def insertion_summary(
             }
         )
     added = sum(s["shift_params"] + s["scale_params"] for s in sites)
-    params_model = sum(p.numel() for p in base.parameters())
+    if params_model is None:
+        params_model = sum(p.numel() for p in base.parameters())
     size = rec.input_size()
-    inputs = example_inputs_for(size or default_input_size(base))
+    diff = None
+    if skip_check is None:
+        diff = max_abs_diff_at_init(base, gm, example_inputs_for(size or default_input_size(base)))
     return {
         "model": spec,
         "shift": shift,
@@ -51,7 +62,8 @@ def insertion_summary(
         "sites": sites,
         "params_added": added,
         "params_model": params_model,
-        "max_abs_diff_at_init": max_abs_diff_at_init(base, gm, inputs),
+        **({"max_abs_diff_at_init_skipped": skip_check} if skip_check else {}),
+        "max_abs_diff_at_init": diff,
         "method": rec.method or "fx",  # fx, hybrid (+ sites inside leaves) or eager
         "unreached": rec.unreached or [],  # activation calls no site reaches, with reasons
     }

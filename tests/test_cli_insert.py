@@ -201,8 +201,15 @@ def bad_input_cases(models_dir: Path, tmp_path: Path) -> dict[str, tuple[list[st
         "missing file": ([str(tmp_path / "nope.py")], ["model file not found", "nope.py"]),
         "syntax error": ([str(syntax)], [f"{syntax}:3", "syntax error"]),
         "import error": ([str(crash)], [f"{crash}:3", "boom"]),
-        "no model": ([str(models_dir / "no_model.py")], ["no model found", "found none"]),
-        "two models": ([str(models_dir / "two_classes.py")], ["no model found", "found 2"]),
+        "no model": ([str(models_dir / "no_model.py")], ["no model found", "no nn.Module class"]),
+        "two models": (
+            [str(models_dir / "two_classes.py")],
+            [
+                "2 nn.Module classes that no other class uses",
+                "two_classes.py:A",
+                "two_classes.py:B",
+            ],
+        ),
         "missing attribute": ([f"{models_dir / 'forms.py'}:Nope"], ["no attribute 'Nope'"]),
         "unknown timm": (["timm:resnet_5"], ["unknown timm model 'resnet_5'", "did you mean"]),
         "unknown torchvision": (
@@ -337,3 +344,10 @@ def test_console_script_in_a_real_subprocess(models_dir, tmp_path) -> None:
     assert sorted(p.name for p in out.iterdir()) == [
         "model.safetensors", "model_fx.py", "surgery.json",
     ]  # fmt: skip
+
+
+def test_the_root_class_of_a_model_file_is_the_one_nothing_uses(models_dir) -> None:
+    model = surgeon.build_model(str(models_dir / "block_and_net.py"), {"num_classes": 4})
+    assert type(model).__name__ == "Net"
+    sites = surgeon.find_sites(model)
+    assert [s.name for s in sites] == ["x", "stage_0_act", "stage_1_act"]

@@ -126,6 +126,43 @@ def _load_file(path: Path):
     return module
 
 
+def _used_names(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | {
+        n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)
+    }
+
+
+def _root_class(module, path: Path) -> type:
+    """The file's model class: its only ``nn.Module`` class, or the one no other class of the
+    file uses (a ``Net`` built from the ``Block`` beside it)."""
+    classes = {
+        c.__name__: c
+        for _, c in inspect.getmembers(module, inspect.isclass)
+        if issubclass(c, nn.Module) and c.__module__ == module.__name__
+    }
+    if len(classes) == 1:
+        return next(iter(classes.values()))
+    if not classes:
+        raise ModelSourceError(
+            f"no model found in {path} (no nn.Module class)",
+            hint="define build_model(), a `model` object or an nn.Module class",
+        )
+    tree = ast.parse(path.read_text(), filename=str(path))
+    bodies = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+    used = set()
+    for name, node in bodies.items():
+        if name in classes:
+            used |= _used_names(node) - {name}
+    roots = sorted(n for n in classes if n not in used)
+    if len(roots) == 1:
+        return classes[roots[0]]
+    candidates = ", ".join(f"{path}:{n}" for n in (roots or sorted(classes)))
+    raise ModelSourceError(
+        f"{path} defines {len(roots or classes)} nn.Module classes that no other class uses",
+        hint=f"pick one: {candidates} (or define build_model())",
+    )
+
+
 def _from_file(spec: str, args: dict[str, Any]) -> nn.Module:
     file_part, _, attr = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
     path = Path(file_part)
@@ -146,18 +183,7 @@ def _from_file(spec: str, args: dict[str, Any]) -> nn.Module:
     elif isinstance(getattr(module, "model", None), nn.Module):
         obj = module.model
     else:
-        classes = [
-            c
-            for _, c in inspect.getmembers(module, inspect.isclass)
-            if issubclass(c, nn.Module) and c.__module__ == module.__name__
-        ]
-        if len(classes) != 1:
-            found = f"found {len(classes)} nn.Module classes" if classes else "found none"
-            raise ModelSourceError(
-                f"no model found in {path} ({found})",
-                hint="define build_model(), a `model` object or one nn.Module class, or use FILE.py:NAME",
-            )
-        obj = classes[0]
+        obj = _root_class(module, path)
     if isinstance(obj, nn.Module):
         if args:
             raise ModelSourceError(

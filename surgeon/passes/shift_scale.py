@@ -71,6 +71,7 @@ def insert(
     leaf: Iterable[str | type] = (),
     fused: bool = False,
     fallback: str = "auto",
+    inplace: bool = False,
 ) -> nn.Module:
     """Insert ``ShiftScale(shift, scale)`` after the model's input and every non-final
     activation. Returns a new model that computes exactly the same outputs at init.
@@ -91,14 +92,18 @@ def insert(
             module level (the eager fallback) with a one-line warning, unless that reaches no
             activation call, when it raises the tracer's error; ``eager`` always inserts at
             module level; ``never`` raises the tracer's error.
+        inplace: work on ``model`` itself, not a copy: no second copy of the weights, and
+            ``model`` is given up (its modules belong to the result).
     """
     check_mode(shift, "shift mode")
     check_mode(scale, "scale mode")
     include, exclude, leaf = list(include), list(exclude), list(leaf)
     record = SurgeryRecord.of(model)
+    training = model.training
     a = analyse(
-        model, input_size=input_size, example_inputs=example_inputs, leaf=leaf, fallback=fallback
-    )
+        model, input_size=input_size, example_inputs=example_inputs, leaf=leaf,
+        fallback=fallback, inplace=inplace,
+    )  # fmt: skip
     chosen = sites_mod.select(a.sites, include, exclude)
     if shift == "none" and scale == "none":
         chosen = []
@@ -132,7 +137,7 @@ def insert(
     )
     record.sites = [s.description() for s in chosen]
     record.method, record.finals, record.unreached = a.method, a.finals, a.unreached
-    return finish(a.model, record, model.training)
+    return finish(a.model, record, training)
 
 
 def _replay_batchnorm(model: nn.Module, p: PassEntry) -> nn.Module:
