@@ -22,7 +22,8 @@ import torch
 
 from ..errors import AnalysisError
 from ..layers import ShiftScale
-from .targets import PARAMS, Target, read_params, variant_name
+from ..rundir import variant_name
+from .targets import PARAMS, Target, read_params
 
 
 def tensor_stats(t: torch.Tensor, *, negative: bool = False) -> dict[str, Any]:
@@ -94,7 +95,7 @@ def affine_summary(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
 def site_stats(target: Target, site: dict[str, Any]) -> dict[str, Any]:
     """``{"mode", "shift", "scale", "affine"}`` of one site of one target."""
     modes = target.modes
-    out: dict[str, Any] = {"mode": variant_name(False, modes["shift"], modes["scale"])}
+    out: dict[str, Any] = {"mode": variant_name("none", modes["shift"], modes["scale"])}
     tensors = {}
     for name in PARAMS:
         t = target.param(site, name)
