@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import shlex
+import sys
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -116,19 +118,34 @@ def train_command(
         raise typer.Exit(
             distributed.launch(nproc, [ctx.info_name, *given_argv(ctx, skip={"nproc"})])
         )
-    _train(
-        recipe,
-        config,
-        gpus,
-        runs_per_gpu,
-        workers,
-        out,
-        name,
-        resume_run,
-        quiet,
-        dry_run,
-        overrides,
-    )
+    from surgeon.train.engine import RunInterrupted
+
+    try:
+        code = _train(
+            recipe,
+            config,
+            gpus,
+            runs_per_gpu,
+            workers,
+            out,
+            name,
+            resume_run,
+            quiet,
+            dry_run,
+            overrides,
+        )
+    except RunInterrupted as exc:
+        if exc.resumable:
+            line = f"interrupted; the last checkpoint is intact: surgeon train --resume {shlex.quote(str(exc.run))}"
+        else:
+            line = f"interrupted before the first checkpoint of {exc.run}; nothing to resume (start it again in a new folder)"
+        print(line, file=sys.stderr)
+        raise typer.Exit(130) from None
+    except KeyboardInterrupt:  # before a run started (data, model): nothing was written
+        print("interrupted before training started", file=sys.stderr)
+        raise typer.Exit(130) from None
+    if code:
+        raise typer.Exit(code)
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -200,7 +217,8 @@ def _train(
     quiet: bool,
     dry_run: bool,
     overrides: dict[str, Any],
-) -> None:
+) -> int:
+    """Run what the command asks; returns the exit code (3: a single run diverged)."""
     from surgeon.train import load_recipe, resume, run_configs
     from surgeon.train.progress import make_reporter
 
@@ -219,7 +237,7 @@ def _train(
             )
         summary = resume(resume_run, reporter=reporter(), overrides=overrides)
         _print_table([summary])
-        return
+        return _diverged(summary)
     if config is not None:
         if recipe is not None:
             raise TrainError(
@@ -247,7 +265,7 @@ def _train(
         )
     if dry_run:
         _print_plan(configs, folder)
-        return
+        return 0
     _preflight(configs, folder)
     if gpus or workers > 1:
         from surgeon.train.queue import run_parallel, slots
@@ -279,6 +297,15 @@ def _train(
             console.print(f"[red]failed[/] {escape(r['name'])}: {escape(str(r['message']))}")
         if len(failed) == len(results):
             raise TrainError(f"all {len(results)} runs failed", hint="see the messages above")
+    return _diverged(results[0]) if recipe is None and len(results) == 1 else 0
+
+
+def _diverged(summary: dict[str, Any]) -> int:
+    """A diverged single run: one line on stderr saying which weights were kept; exit 3."""
+    if summary.get("status") != "diverged":
+        return 0
+    print(f"diverged: {summary['name']}: {summary['message']}", file=sys.stderr)
+    return 3
 
 
 def _preflight(configs: list[TrainConfig], folder: Path) -> None:

@@ -25,6 +25,7 @@ from .errors import SurgeonError
 from .models.sources import build_model
 from .record import FORMAT, FORMAT_VERSION, SurgeryRecord, replay
 from .rundir import CODE_FILE, RECORD_FILE, WEIGHTS_FILE
+from .rundir import write_json_atomic as write_json_atomic  # the one atomic JSON writer
 from .trust import check_record, check_source, portable_spec
 
 
@@ -50,23 +51,6 @@ def follow_umask(path: str | Path, folder: bool = False) -> None:
     """Give a file made by ``mkstemp`` (0600) or a folder made by ``mkdtemp`` (0700) the
     permissions a plain ``open``/``mkdir`` would: 0666 or 0777 less the umask."""
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON via a temp file in the same folder, fsync, then ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    follow_umask(tmp)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def record_of(model: nn.Module) -> SurgeryRecord:

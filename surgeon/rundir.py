@@ -6,7 +6,9 @@ No torch here: the CLI, ``surgeon report`` and the training engine share these n
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import json
 import os
 import re
@@ -43,6 +45,20 @@ SUMMARY_FIELDS = (
     "name", "variant", "lr", "seed", "status", "final_val_err", "best_val_err", "best_epoch",
     "epochs_run", "steps", "diverged_at_step", "message",
 )  # fmt: skip
+
+
+NAME_RE = re.compile(r"[A-Za-z0-9._+-]{1,200}")
+
+
+def check_name(value: str, what: str, error: type[SurgeonError] = SurgeonError) -> str:
+    """``value`` if it is one safe path component (``[A-Za-z0-9._+-]``, not ``.``/``..``, not
+    starting with a dot, at most 200 characters); else ``error`` naming ``what`` it is."""
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or value.startswith("."):
+        raise error(
+            f"invalid {what} {value!r}: a name is one path component",
+            hint="use letters, digits and . _ + - (not starting with a dot, at most 200 characters)",
+        )
+    return value
 
 
 def variant_name(norm: str, shift: str, scale: str) -> str:
@@ -215,32 +231,93 @@ def iter_runs(folder: Path) -> Iterator[tuple[Path, str]]:
 # ------------------------------------------------------------------------------ writers
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON via a temp file in the same folder, fsync, then ``os.replace``."""
-    path = Path(path)
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (no race with
+    other threads), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path, folder: bool = False) -> None:
+    """Give a file made by ``mkstemp`` or safetensors (0600) or a folder made by ``mkdtemp``
+    (0700) the permissions a plain ``open``/``mkdir`` would: 0666 or 0777 less the umask."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename or a new entry in ``folder`` durable (a no-op where folders cannot be
+    opened, as on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[Any]:
+    """An open temp file next to ``path`` that replaces it on success: permissions from the
+    umask, fsynced, then ``os.replace`` and the folder fsynced; removed on any failure."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+        follow_umask(tmp)
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON via a temp file in the same folder (umask permissions), fsync, ``os.replace``,
+    fsync the folder: the one atomic JSON writer of the package (``surgeon.io`` uses it too)."""
+    with _atomic_file(Path(path)) as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
 
 
 def write_csv_atomic(path: Path, rows: Iterable[dict[str, Any]], fields: tuple[str, ...]) -> None:
     """Rows as CSV with the header ``fields`` (other keys ignored), replaced in one step."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp"
-    with open(tmp, "w", newline="") as f:
+    with _atomic_file(Path(path), newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k) for k in fields})
-    tmp.replace(path)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def json_digest(obj: Any) -> str:
+    """sha256 of ``obj`` as canonical JSON (sorted keys): a config's or a state's hash."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def write_config(run: Path, config: dict[str, Any]) -> None:
@@ -273,13 +350,15 @@ def truncate_metrics(run: Path, step: int, epoch: int) -> None:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if (row["type"] == "step" and row["step"] <= step) or (
-            row["type"] != "step" and row["epoch"] <= epoch
-        ):
+        if not isinstance(row, dict):
+            continue
+        if row.get("type") in ("step", "event"):  # events carry the step they happened at
+            if row.get("step", 0) <= step:
+                keep.append(line)
+        elif row.get("epoch", 0) <= epoch:
             keep.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(k + "\n" for k in keep))
-    tmp.replace(path)
+    with _atomic_file(path) as f:
+        f.write("".join(k + "\n" for k in keep))
 
 
 def write_summary(run: Path, summary: dict[str, Any]) -> None:
@@ -288,7 +367,66 @@ def write_summary(run: Path, summary: dict[str, Any]) -> None:
     write_csv_atomic(Path(run) / SUMMARY_CSV, [summary], SUMMARY_FIELDS)
 
 
-def write_results(folder: Path, recipe: str, results: list[dict[str, Any]]) -> None:
-    """A recipe folder's ``results.json`` and ``results.csv``: every run's summary."""
-    write_json_atomic(Path(folder) / RESULTS_FILE, {"recipe": recipe, "runs": results})
-    write_csv_atomic(Path(folder) / RESULTS_CSV, results, SUMMARY_FIELDS)
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder/.results.lock`` (POSIX), so runs sharing a folder merge
+    their results one at a time."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock
+        yield
+        return
+    with open(folder / ".results.lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _previous_results(folder: Path) -> tuple[str, list[dict[str, Any]]]:
+    """``(recipe, rows)`` of the folder's ``results.json``; when it is missing or damaged, the
+    summaries of the run folders found there."""
+    try:
+        old = json.loads((folder / RESULTS_FILE).read_text())
+        rows = old["runs"]
+        if isinstance(rows, list) and all(isinstance(r, dict) and "name" in r for r in rows):
+            return str(old.get("recipe") or ""), rows
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    rows = []
+    for sub in _children(folder) if folder.is_dir() else []:
+        try:
+            summary = read_summary(sub)
+        except SurgeonError:
+            summary = None
+        if summary is not None and "name" in summary:
+            rows.append(summary)
+    return "", rows
+
+
+def merge_results(
+    previous: list[dict[str, Any]], new: list[dict[str, Any]], order: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Every row of ``previous`` and ``new`` (a new row replaces the previous one of the same
+    run): the runs named in ``order`` first, in that order, then the others as they were."""
+    rows = {r["name"]: r for r in previous}
+    rows.update({r["name"]: r for r in new})
+    order = list(order or [r["name"] for r in new])
+    first = [n for n in dict.fromkeys(order) if n in rows]
+    rest = [r["name"] for r in [*previous, *new] if r["name"] not in set(first)]
+    return [rows[n] for n in [*first, *dict.fromkeys(rest)]]
+
+
+def write_results(
+    folder: Path, recipe: str, results: list[dict[str, Any]], order: list[str] | None = None
+) -> None:
+    """A recipe folder's ``results.json`` and ``results.csv``: every run's summary. Runs
+    already listed there are kept, so runs sharing a folder add up (see :func:`merge_results`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _locked(folder):
+        old_recipe, previous = _previous_results(folder)
+        rows = merge_results(previous, results, order)
+        write_json_atomic(folder / RESULTS_FILE, {"recipe": recipe or old_recipe, "runs": rows})
+        write_csv_atomic(folder / RESULTS_CSV, rows, SUMMARY_FIELDS)

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 import warnings
@@ -19,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from surgeon.errors import DataError
+from surgeon.rundir import follow_umask
 
 SAMPLE_TAR = Path(__file__).parent / "sample" / "cifar10-sample.tar.gz"
 CACHE_VERSION = 1  # bump when the cache layout or decoding changes
@@ -90,10 +92,12 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             return np.asarray(img.convert("RGB"))
-    except Exception as e:  # PIL raises many types for unreadable files
-        raise DataError(
-            f"cannot decode image {name}: {e}", hint="remove or re-encode the file"
-        ) from e
+    except UnidentifiedImageError:
+        reason = "not an image format Pillow can read"
+    except Exception as e:  # PIL raises many types for damaged files
+        text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the file", str(e))
+        reason = " ".join(text.split())[:200] or type(e).__name__
+    raise DataError(f"cannot decode image {name}: {reason}", hint="remove or re-encode the file")
 
 
 def stack_images(arrays: list[np.ndarray], names: list[str]) -> torch.Tensor:
@@ -353,7 +357,7 @@ def write_cache(path: Path, fingerprint: str, data: Decoded) -> None:
         save_file(tensors, tmp, metadata={"surgeon": json.dumps(meta)})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        follow_umask(tmp)  # mkstemp creates 0600
         os.replace(tmp, path)
     except Exception as e:  # the cache is an optimisation: never fail a load over it
         warnings.warn(f"could not write data cache {path}: {e}", stacklevel=3)

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import TrainError
 from ..modes import MODES
-from ..rundir import run_name, variant_name
+from ..rundir import check_name, run_name, variant_name
 
 SCHEDULES = ("constant", "cosine", "step")
 PRECISIONS = ("fp32", "bf16")
@@ -20,6 +20,18 @@ NORMS = ("none", "batchnorm")
 DECAY_TARGETS = ("identity", "zero")
 DEVICES = ("auto", "cpu", "cuda")
 WINDOW = 200  # online learning: samples in the windowed prequential accuracy
+
+# the JSON values each field type accepts (bool is an int in Python: refused where not named)
+_TYPES: dict[str, tuple[type, ...]] = {
+    "bool": (bool,), "int": (int,), "float": (int, float), "str": (str,),
+    "int | None": (int, type(None)), "str | None": (str, type(None)),
+    "list[str]": (list,), "dict[str, Any]": (dict,),
+}  # fmt: skip
+_TYPE_WORDS = {
+    "bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
+    "int | None": "an integer or null", "str | None": "a string or null",
+    "list[str]": "a list of strings", "dict[str, Any]": "a table of key = value",
+}  # fmt: skip
 
 VARIANT, DATA, OPTIM, RUN = "Model and variant", "Data", "Optimisation", "Run"
 
@@ -132,6 +144,14 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):  # a recipe or a config.json may hold any JSON
+            allowed, value = _TYPES[f.type], getattr(self, f.name)
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                raise TrainError(
+                    f"invalid {f.name} {value!r}", hint=f"{f.name} is {_TYPE_WORDS[f.type]}"
+                )
+        if self.name:
+            check_name(self.name, "run name", TrainError)
         for what, value in (("shift", self.shift), ("scale", self.scale)):
             if value not in MODES:
                 raise TrainError(
@@ -171,7 +191,9 @@ class TrainConfig:
             )
         self.variant = variant_name(self.norm, self.shift, self.scale)
         if not self.name:
-            self.name = run_name(self.variant, self.lr, self.seed)
+            self.name = check_name(
+                run_name(self.variant, self.lr, self.seed), "run name", TrainError
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

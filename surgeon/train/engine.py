@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from ..errors import TrainError
 from ..io import write_model_files
 from ..layers import ShiftScale
 from . import distributed
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import Found, check_checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .optim import build_optimizer, decay_to_identity, lr_factor, set_lr
 from .probe import Probe
@@ -107,6 +108,29 @@ class RunState:
         return dict(self.__dict__)
 
 
+_NUMBER, _MAYBE = (float, int), (float, int, type(None))
+# RunState's fields and the JSON types a checkpoint's state.json may hold for them
+RUN_FIELDS: dict[str, tuple[type, ...]] = {
+    "step": (int,), "epoch": (int,), "batch": (int,), "ema_loss": _MAYBE, "loss_sum": _NUMBER,
+    "correct": (int,), "seen": (int,), "best_val_err": _MAYBE, "best_epoch": (int,),
+    "final_val_err": _MAYBE, "history": (list,), "world_size": (int,),
+}  # fmt: skip
+assert set(RUN_FIELDS) == set(RunState().to_dict())
+
+
+def _jsonable(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(obj))
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: the run folder and whether it holds a checkpoint to resume."""
+
+    def __init__(self, run: Path, resumable: bool) -> None:
+        super().__init__(str(run))
+        self.run, self.resumable = run, resumable
+
+
 class Trainer:
     """Trains one run into ``out``; ``run()`` returns its summary (never raises on divergence)."""
 
@@ -120,8 +144,14 @@ class Trainer:
         reporter: Reporter | None = None,
         resume: bool = False,
         stop_at_step: int | None = None,
+        saved_config: TrainConfig | None = None,
+        overrides: dict[str, Any] | None = None,
     ) -> None:
         self.cfg, self.out = cfg, Path(out)
+        # resume: the run's config.json as found, and what the command line changed in it
+        self.saved_config = saved_config or cfg
+        self.overrides = dict(overrides or {})
+        self.notices: list[str] = []  # lines for the reporter once it starts
         self.dist = distributed.env_info()
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         self.dist = distributed.init(self.device.type)
@@ -226,28 +256,23 @@ class Trainer:
             raise TrainError("rank 0 could not prepare the run folder", hint="see rank 0's error")
 
     def _prepare_local(self) -> None:
-        ckpt = rundir.latest_checkpoint(self.out / rundir.CHECKPOINTS_DIR)
         if self.resume:
-            if ckpt is None:
-                raise TrainError(
-                    f"nothing to resume in {self.out}: no checkpoint",
-                    hint="start a new run without --resume",
-                )
-            saved = load_checkpoint(ckpt, self.model, self.opt)["run"]
-            if saved.get("world_size", 1) != self.dist.world_size:
-                raise TrainError(
-                    f"{self.out} was trained with {saved.get('world_size', 1)} process(es), not {self.dist.world_size}",
-                    hint=f"resume with --nproc {saved.get('world_size', 1)}",
-                )
-            self.state = RunState(**saved)
-            if self.main:
-                rundir.truncate_metrics(self.out, self.state.step, self.state.epoch)
+            self._reopen()
             return
         if self.out.exists() and any(self.out.iterdir()):
             raise TrainError(
                 f"run folder {self.out} already exists",
                 hint="pass --resume to continue it, or another --out",
             )
+        created = not self.out.exists()
+        try:
+            self._create_folder()
+        except BaseException:
+            if created:  # no half-made run folder left behind
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
+
+    def _create_folder(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / rundir.SNAPSHOTS_DIR).mkdir()
         rundir.write_config(self.out, {**self.cfg.to_dict(), "world_size": self.dist.world_size})
@@ -263,8 +288,83 @@ class Trainer:
             },
         )
         write_model_files(self.model, self.out, {"run": self.cfg.name})
-        save_file(snapshot_tensors(self.model), str(rundir.snapshot_path(self.out, 0)))
+        self._snapshot(0)
         self._log_probe()
+
+    def _reopen(self) -> None:
+        """Resume: the newest intact checkpoint, checked against the config and world size
+        before anything is loaded; the command line's changes logged as events."""
+        found = find_checkpoint(self.out / rundir.CHECKPOINTS_DIR, RUN_FIELDS)
+        changes = self._config_changes(found)
+        saved = found.state["run"]
+        if saved["world_size"] != self.dist.world_size:
+            raise TrainError(
+                f"{self.out} was trained with {saved['world_size']} process(es), not {self.dist.world_size}",
+                hint=f"resume with --nproc {saved['world_size']}",
+            )
+        load_checkpoint(found.path, self.model, self.opt)
+        self.state = RunState(**saved)
+        if not self.main:
+            return
+        st = self.state
+        rundir.truncate_metrics(self.out, st.step, st.epoch)
+        where = {"step": st.step, "epoch": st.epoch}
+        events = []
+        if found.notes:
+            self.notices.append(found.notice() or "")
+            events.append(
+                {"type": "event", "event": "resume_fallback", "checkpoint": found.path.name,
+                 "passed_over": found.notes, **where}
+            )  # fmt: skip
+        logged = {
+            (r.get("event"), r.get("key"), json.dumps(r.get("new")), r.get("step"))
+            for r in _event_rows(self.out)
+        }
+        for key, old, new in changes:
+            if ("config_change", key, json.dumps(new), st.step) not in logged:
+                events.append(
+                    {"type": "event", "event": "config_change", "key": key, "old": old,
+                     "new": new, **where}
+                )  # fmt: skip
+        self._log(events)
+        if _jsonable(self.cfg.to_dict()) != _jsonable(self.saved_config.to_dict()):
+            rundir.write_config(
+                self.out, {**self.cfg.to_dict(), "world_size": self.dist.world_size}
+            )
+
+    def _config_changes(self, found: Found) -> list[tuple[str, Any, Any]]:
+        """``(key, old, new)`` of the values the command line changes on resume. A value of
+        ``config.json`` that differs from the config the checkpoint was written with, and
+        that the command line does not give, is refused: the file was edited by hand."""
+        base = _jsonable(self.saved_config.to_dict())
+        new = _jsonable(self.cfg.to_dict())
+        recorded = found.state.get("config", base)  # older checkpoints record no config
+        recorded = {k: v for k, v in recorded.items() if k != "world_size"}
+        edited = [
+            k
+            for k in sorted(set(base) | set(recorded))
+            if base.get(k) != recorded.get(k) and k not in self.overrides and k != "variant"
+        ]
+        if edited:
+            shown = ", ".join(
+                f"{k} {json.dumps(recorded.get(k))} -> {json.dumps(base.get(k))}" for k in edited
+            )
+            raise TrainError(
+                f"{self.out / rundir.CONFIG_FILE} differs from the config {found.path.name} was "
+                f"written with: {shown}",
+                hint="restore config.json (only --epochs and --device may change a resumed run, "
+                "on the command line), or start a new run",
+            )
+        return [
+            (k, recorded.get(k), new.get(k))
+            for k in sorted(self.overrides)
+            if recorded.get(k) != new.get(k)
+        ]
+
+    def _snapshot(self, epoch: int) -> None:
+        path = rundir.snapshot_path(self.out, epoch)
+        save_file(snapshot_tensors(self.model), str(path))
+        rundir.follow_umask(path)  # safetensors creates its files 0600
 
     def _log(self, rows: list[dict[str, Any]]) -> None:
         if self.main:
@@ -278,12 +378,10 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         if self.main:
-            save_checkpoint(
-                self.out / rundir.CHECKPOINTS_DIR,
-                self.model,
-                self.opt,
-                {"run": self.state.to_dict(), "step": self.state.step},
-            )
+            config = _jsonable(self.cfg.to_dict())
+            state = {"run": self.state.to_dict(), "step": self.state.step, "config": config}
+            state["config_sha256"] = rundir.json_digest(config)
+            save_checkpoint(self.out / rundir.CHECKPOINTS_DIR, self.model, self.opt, state)
         distributed.barrier(self.dist)
 
     # ---------------------------------------------------------------- loop
@@ -373,6 +471,8 @@ class Trainer:
         st = self.state
         accum = cfg.accum_steps
         self.reporter.start(cfg.name, cfg.epochs, self.steps_per_epoch, st.epoch, st.step)
+        for line in self.notices:
+            self.reporter.message(escape(line))
         status, message, diverged_at = "ok", None, None
         self.model.train()
         try:
@@ -460,20 +560,20 @@ class Trainer:
                     self.tb.flush()
                 self._log_probe()
                 if self.main:
-                    save_file(
-                        snapshot_tensors(self.model),
-                        str(rundir.snapshot_path(self.out, st.epoch)),
-                    )
+                    self._snapshot(st.epoch)
                 self._checkpoint()
                 self.reporter.epoch(row)
             if self.main:
                 write_model_files(self.model, self.out, {"run": cfg.name})
         except _Diverged as exc:
             status = "diverged"
-            message = f"non-finite loss at step {exc.step} (lr {exc.lr:g}, variant {cfg.variant}); kept the last good checkpoint"
+            kept = self._restore_last_good(exc.step) if self.main else "the last good weights"
+            message = f"non-finite loss at step {exc.step} (lr {exc.lr:g}, variant {cfg.variant}); kept {kept}"
             self.reporter.message(f"[red]diverged:[/] {escape(message)}")
-            if self.main:
-                self._restore_last_good(exc.step)
+        except KeyboardInterrupt:
+            self.reporter.stop()
+            latest = self.out / rundir.CHECKPOINTS_DIR / rundir.LATEST_FILE
+            raise RunInterrupted(self.out, latest.is_file()) from None
         except _Stopped:
             self.reporter.stop()
             return {"name": cfg.name, "status": "stopped", "steps": st.step}
@@ -489,18 +589,57 @@ class Trainer:
         distributed.barrier(self.dist)
         return summary
 
-    def _restore_last_good(self, diverged_at: int) -> None:
-        """After divergence the run folder's model is the last good checkpoint's weights.
+    def _restore_last_good(self, diverged_at: int) -> str:
+        """After divergence the run folder's model is the last good checkpoint's weights;
+        returns which weights were kept, in words.
 
-        Good: an epoch-end checkpoint (its val loss was finite), or a mid-epoch one older than
-        the step before ``diverged_at`` (the weights that gave the non-finite loss). With
-        none, the folder keeps the initial weights written at the start.
+        Good: an intact epoch-end checkpoint (its val loss was finite), or a mid-epoch one
+        older than the step before ``diverged_at`` (the weights that gave the non-finite
+        loss). With none, the folder keeps the initial weights written at the start. The
+        weights are copied to a temp file in the run folder, fsynced and renamed into place.
         """
-        for ckpt in sorted((self.out / rundir.CHECKPOINTS_DIR).glob("step_*"), reverse=True):
-            run = json.loads((ckpt / rundir.STATE_FILE).read_text())["run"]
+        folder = self.out / rundir.CHECKPOINTS_DIR
+        for ckpt in sorted(folder.glob("step_*"), reverse=True):
+            try:
+                run = check_checkpoint(ckpt, RUN_FIELDS)["run"]
+            except TrainError:
+                continue  # a damaged checkpoint is no good either
             if run["batch"] == 0 or run["step"] < diverged_at - 1:
-                shutil.copyfile(ckpt / rundir.WEIGHTS_FILE, self.out / rundir.WEIGHTS_FILE)
-                return
+                _replace_file(ckpt / rundir.WEIGHTS_FILE, self.out / rundir.WEIGHTS_FILE)
+                epoch = run["epoch"] + (1 if run["batch"] else 0)
+                return f"the checkpoint of epoch {epoch} / step {run['step']}"
+        return "the initial weights"
+
+
+def _replace_file(src: Path, dst: Path) -> None:
+    """Copy ``src`` over ``dst`` atomically: a temp file next to ``dst``, fsynced, renamed."""
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+            shutil.copyfileobj(f, out)
+            out.flush()
+            os.fsync(out.fileno())
+        rundir.follow_umask(tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    rundir.fsync_dir(dst.parent)
+
+
+def _event_rows(run: Path) -> list[dict[str, Any]]:
+    path = run / rundir.METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("type") == "event":
+            rows.append(row)
+    return rows
 
 
 def _tensorboard_writer(folder: Path):
@@ -540,21 +679,27 @@ def train(cfg: TrainConfig, out: str | Path, **kwargs: Any) -> dict[str, Any]:
     return Trainer(cfg, Path(out), **kwargs).run()
 
 
-def resume(run: str | Path, **kwargs: Any) -> dict[str, Any]:
-    """Continue the run in folder ``run`` from its latest checkpoint, with its saved config."""
+def resume(
+    run: str | Path, *, overrides: dict[str, Any] | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """Continue the run in folder ``run`` from its newest intact checkpoint, with its saved
+    config; ``overrides`` (e.g. ``{"epochs": 20}``) change it, and each change is logged in
+    ``metrics.jsonl``. A ``config.json`` edited since the checkpoint is refused."""
     run = Path(run)
-    if not (run / rundir.CONFIG_FILE).is_file():
+    path = run / rundir.CONFIG_FILE
+    if not path.is_file():
         raise TrainError(
             f"{run} is not a run folder (no {rundir.CONFIG_FILE})",
             hint="pass the folder a run wrote",
         )
     saved = rundir.read_config(run, TrainError)
     saved.pop("world_size", None)
-    cfg = TrainConfig.from_dict(saved)
-    overrides = kwargs.pop("overrides", {})
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    trainer = Trainer(cfg, run, resume=True, **kwargs)
-    if overrides and trainer.main:  # e.g. --epochs extended the run: the folder says so
-        rundir.write_config(run, {**cfg.to_dict(), "world_size": trainer.dist.world_size})
+    try:
+        cfg = TrainConfig.from_dict(saved)
+    except TrainError as exc:
+        raise TrainError(f"{path}: {exc.message}", hint=exc.hint) from None
+    except (TypeError, ValueError) as exc:  # a value of the wrong type, edited by hand
+        raise TrainError(f"{path} holds a bad value ({exc})", hint="restore config.json") from None
+    new = cfg.replace(**overrides) if overrides else cfg
+    trainer = Trainer(new, run, resume=True, saved_config=cfg, overrides=overrides or {}, **kwargs)
     return trainer.run()

@@ -449,6 +449,7 @@ def run_plan(
     bases: dict[tuple, nn.Module] = {}
     warms: dict[tuple, fx.GraphModule] = {}
     results = []
+    order = [run_name(v.name, cfg.lr, cfg.seed) for cfg, v in runs]
     for cfg, v in runs:
         skey = (cfg.data, cfg.data_root, cfg.limit_train, cfg.limit_test, cfg.seed)
         if skey not in streams:
@@ -469,5 +470,5 @@ def run_plan(
             base=bases.get(bkey), warm=warm, warm_start_epochs=warm_start, window=window, log=log,
         )  # fmt: skip
         results.append(summary)
-        write_results(out, recipe_name, results)
+        write_results(out, recipe_name, results, order)
     return results

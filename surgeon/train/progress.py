@@ -53,7 +53,7 @@ class PlainReporter(Reporter):
         )
 
     def message(self, text: str) -> None:
-        self.console.print(f"{escape(f'[{self.name}]')} {text}")
+        self.console.print(f"{escape(f'[{self.name}]')} {text}", soft_wrap=True)  # one line
 
 
 class RichReporter(PlainReporter):
@@ -112,7 +112,7 @@ class RichReporter(PlainReporter):
         )
 
     def message(self, text: str) -> None:
-        (self.progress.console if self.progress else self.console).print(text)
+        (self.progress.console if self.progress else self.console).print(text, soft_wrap=True)
 
     def stop(self) -> None:
         if self.progress is not None:

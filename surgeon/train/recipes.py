@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TrainError
+from ..rundir import check_name
 from .config import TrainConfig, parse_variant
 
 if sys.version_info >= (3, 11):
@@ -106,8 +107,10 @@ def load_recipe(name_or_path: str) -> Recipe:
             hint=f"grid keys: {', '.join(GRID_KEYS)}",
         )
     grid = {k: v if isinstance(v, list) else [v] for k, v in grid.items()}
+    name = raw.get("name", path.stem)
+    check_name(name, f"recipe name in {path}", TrainError)  # the recipe's folder under --out
     recipe = Recipe(
-        raw.get("name", path.stem),
+        name,
         raw.get("description", ""),
         dict(raw.get("base", {})),
         grid,

@@ -33,8 +33,10 @@ def run_configs(
     """Train ``configs`` into ``out/<run name>/``; write ``results.json``/``results.csv``.
 
     With ``strict`` a :class:`SurgeonError` (bad data, existing folder...) propagates instead
-    of being recorded as a failed run (the CLI's single runs: one error line, exit 2)."""
-    out.mkdir(parents=True, exist_ok=True)
+    of being recorded as a failed run (the CLI's single runs: one error line, exit 2).
+    ``out`` is made once a run has its data (a data error leaves no empty folder behind);
+    runs already listed in its results are kept (see :func:`surgeon.rundir.write_results`)."""
+    order = [c.name for c in configs]
     datasets: dict[tuple, ImageData] = {}
     bases: dict[tuple, Any] = {}
     results = []
@@ -68,7 +70,7 @@ def run_configs(
         results.append(summary)
         if on_done:
             on_done(summary)
-        write_results(out, recipe_name, results)
+        write_results(out, recipe_name, results, order)
     return results
 
 
@@ -88,9 +90,11 @@ def _failed(cfg: TrainConfig, message: str, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def write_results(out: Path, recipe_name: str, results: list[dict[str, Any]]) -> None:
+def write_results(
+    out: Path, recipe_name: str, results: list[dict[str, Any]], order: list[str] | None = None
+) -> None:
     if env_info().rank == 0:  # under torchrun only rank 0 writes
-        rundir.write_results(out, recipe_name, results)
+        rundir.write_results(out, recipe_name, results, order)
 
 
 def run_recipe(
