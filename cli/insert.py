@@ -95,6 +95,15 @@ def insert_command(
             metavar="WHEN",
         ),
     ] = "auto",
+    final: Annotated[
+        str,
+        typer.Option(
+            help="which activations get no site: parametrised (those whose value reaches the "
+            "output through no parametrised layer) or output (only the output itself, the "
+            "thesis's rule)",
+            metavar="RULE",
+        ),
+    ] = "parametrised",
     check_limit: Annotated[
         int,
         typer.Option(
@@ -109,6 +118,9 @@ def insert_command(
     check_mode(scale, "scale mode")
     import torch
 
+    from surgeon.sites import check_final_rule
+
+    check_final_rule(final)
     from surgeon.models import parse_model_args
     from surgeon.summary import insertion_summary
 
@@ -131,7 +143,7 @@ def insert_command(
         warnings.simplefilter("ignore", UserWarning)
         gm = surgeon.insert(
             base, shift, scale, include=include, exclude=exclude, input_size=input_size,
-            leaf=leaf, fallback=fallback, inplace=big,  # big: no second copy of the weights
+            leaf=leaf, fallback=fallback, inplace=big, final=final,  # big: no second copy
         )  # fmt: skip
     summary = insertion_summary(
         None if big else base, gm, spec=model, shift=shift, scale=scale, params_model=params,

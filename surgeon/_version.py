@@ -1,3 +1,3 @@
 """The version of fx-surgeon (one place; the package root and saved files read it)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -100,15 +100,18 @@ def analyse(
     leaf: Iterable[str | type] = (),
     fallback: str = "never",
     inplace: bool = False,
+    final: str = "parametrised",
 ) -> Analysis:
     """Trace a copy of ``model``, propagate shapes and find its sites.
 
     ``fallback``: ``never`` raises the tracer's error for a model FX cannot trace; ``auto``
     observes an eager copy instead, unless that reaches no activation call; ``eager`` always
     observes. ``inplace`` works on ``model`` itself instead of a copy (no second copy of the
-    weights; the caller gives the model up).
+    weights; the caller gives the model up). ``final``: which activations get no site
+    (:data:`surgeon.sites.FINAL_RULES`).
     """
     check_fallback(fallback)
+    sites_mod.check_final_rule(final)
     leaf = list(leaf)
     types = [c for c in leaf if isinstance(c, type)]
     types += resolve_leaf_names(model, [c for c in leaf if isinstance(c, str)])
@@ -118,12 +121,12 @@ def analyse(
     why = None
     if fallback != "eager":
         try:
-            return _analyse_graph(model, inputs, types, size, names, inplace)
+            return _analyse_graph(model, inputs, types, size, names, inplace, final)
         except TraceError as exc:
             if fallback == "never":
                 raise
             why = exc
-    seen = eager.analyse_eager(model, inputs, types, copy_model=not inplace)
+    seen = eager.analyse_eager(model, inputs, types, copy_model=not inplace, final=final)
     a = Analysis(seen.model, seen.sites, size, names, "eager", seen.finals, seen.unreached, why)
     if why is not None:
         _check_reaches(a, why)
@@ -137,13 +140,14 @@ def _analyse_graph(
     size: tuple[int, ...],
     names: list[str],
     inplace: bool,
+    final: str,
 ) -> Analysis:
     gm = trace(model, leaf_types, copy_model=not inplace, n_inputs=len(inputs), compile=False)
     if getattr(model, "surgeon_source", None) is not None:
         set_preserved(gm, "surgeon_source", copy.deepcopy(model.surgeon_source))
-    found = module_sites.propagate_with_leaves(gm, inputs, leaf_types)
-    graph_sites = sites_mod.discover(gm)
-    finals, unreached = module_sites.graph_leftovers(gm, graph_sites)
+    found = module_sites.propagate_with_leaves(gm, inputs, leaf_types, final)
+    graph_sites = sites_mod.discover(gm, final)
+    finals, unreached = module_sites.graph_leftovers(gm, graph_sites, final)
     sites = module_sites.merge(gm, graph_sites, found)
     method = "hybrid" if found.sites else "fx"
     return Analysis(

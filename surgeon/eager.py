@@ -99,6 +99,7 @@ def analyse_eager(
     inputs: Sequence[torch.Tensor],
     opaque: Sequence[type] = (),
     copy_model: bool = True,
+    final: str = "parametrised",
 ) -> Observed:
     """Find the module-level sites of a deep copy of ``model`` (of ``model`` itself without
     ``copy_model``) by running it once."""
@@ -123,7 +124,8 @@ def analyse_eager(
             )
         return f"{call.target} at {where} is inside a torch.nn block or a --leaf module"
 
-    found = module_sites.collect(obs, kinds, {""}, reason)
+    # under the "output" rule only the output itself is final, which hooks cannot see
+    found = module_sites.collect(obs, kinds, {""} if final == "parametrised" else set(), reason)
     param = _first_param(m)
     sites: list[Site] = []
     x = inputs[0] if inputs else None

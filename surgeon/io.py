@@ -357,6 +357,7 @@ def load(
     folder = Path(folder)
     meta = read_meta(folder)
     rec = SurgeryRecord.from_dict(meta)
+    _migrate(rec, meta)
     check_record(rec, folder)
     rec.source = check_source(rec, folder, trust_code)
     weights = folder / WEIGHTS_FILE
@@ -372,6 +373,13 @@ def load(
     model.to(device)
     model.train(bool(meta.get("training", False)))
     return model
+
+
+def _migrate(rec: SurgeryRecord, meta: dict[str, Any]) -> None:
+    """Records of fx-surgeon 0.1 rebuild what 0.1 built: its All-CNN-C had no final ReLU."""
+    written_by = str((meta.get("versions") or {}).get("fx-surgeon", ""))
+    if written_by.startswith("0.1.") and rec.source and rec.source.get("spec") == "allconv":
+        rec.source["args"] = {"final_relu": False, **(rec.source.get("args") or {})}
 
 
 def _rebuild_on_meta(rec: SurgeryRecord) -> nn.Module | None:

@@ -30,7 +30,7 @@ from .sites import (
     Site,
     _site_node_for_gate,
     classify,
-    reaches_output_freely,
+    final_nodes,
 )
 
 # torch.nn modules a walk may enter: plain containers, which call what they hold
@@ -190,7 +190,10 @@ def _kept_whole(node: fx.Node) -> bool:
 
 
 def propagate_with_leaves(
-    gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], user_leaves: Sequence[type]
+    gm: fx.GraphModule,
+    example_inputs: Sequence[torch.Tensor],
+    user_leaves: Sequence[type],
+    final: str = "parametrised",
 ) -> Found:
     """Propagate shapes through ``gm`` and find the module-level sites inside its leaves.
 
@@ -251,7 +254,7 @@ def propagate_with_leaves(
         for node in functions:
             if isinstance(node.target, _ScopedFunction):
                 node.target = node.target.fn
-    free_nodes = reaches_output_freely(gm)
+    free_nodes = final_nodes(gm, final)
     free = {p for p in scopes if all(n in free_nodes for n in graph_targets[p])}
     free |= {n.name for n in functions if n in free_nodes}
     found = collect(obs, kinds, free, lambda call: reasons[call.scope](call))
@@ -261,10 +264,12 @@ def propagate_with_leaves(
     return found
 
 
-def graph_leftovers(gm: fx.GraphModule, sites: Sequence[Site]) -> tuple[list[dict], list[dict]]:
+def graph_leftovers(
+    gm: fx.GraphModule, sites: Sequence[Site], final: str = "parametrised"
+) -> tuple[list[dict], list[dict]]:
     """Activation nodes of the graph that are not sites: ``(finals, unreached)``."""
     names = {s.name for s in sites}
-    free = reaches_output_freely(gm)
+    free = final_nodes(gm, final)
     finals, unreached = [], []
     for node in gm.graph.nodes:
         hit = classify(node, gm)

@@ -180,6 +180,46 @@ def _fetch_attr(gm: fx.GraphModule, target: str):
     return obj
 
 
+FINAL_RULES = ("parametrised", "output")
+"""When an activation is *final* (no site): ``parametrised`` (the default) when its value
+reaches the model output through no parametrised layer; ``output`` (the thesis's rule) only
+when its value is the output itself, up to reshapes."""
+_RESHAPES_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous"}
+_RESHAPES_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+
+
+def _is_reshape(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_method":
+        return node.target in _RESHAPES_METHODS
+    if node.op == "call_function":
+        return node.target in _RESHAPES_FUNCTIONS
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), (nn.Flatten, nn.Identity, nn.Unflatten))
+    return False
+
+
+def final_nodes(gm: fx.GraphModule, rule: str = "parametrised") -> set[fx.Node]:
+    """The nodes whose activations are final under ``rule`` (see :data:`FINAL_RULES`)."""
+    check_final_rule(rule)
+    if rule == "parametrised":
+        return reaches_output_freely(gm)
+    out: set[fx.Node] = set()
+    for node in reversed(gm.graph.nodes):
+        for user in node.users:
+            if user.op == "output" or (user in out and _is_reshape(user, gm)):
+                out.add(node)
+                break
+    return out
+
+
+def check_final_rule(rule: str) -> str:
+    if rule not in FINAL_RULES:
+        raise SurgeryError(
+            f"invalid final rule {rule!r}", hint=f"choose {' or '.join(FINAL_RULES)}"
+        )
+    return rule
+
+
 def reaches_output_freely(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes whose value reaches the output through no parametrised node."""
     free: set[fx.Node] = set()
@@ -332,9 +372,9 @@ def _site_node_for_gate(node: fx.Node) -> tuple[str, fx.Node] | None:
     return None
 
 
-def discover(gm: fx.GraphModule) -> list[Site]:
-    """All sites of a shape-propagated graph, final activations excluded."""
-    free = reaches_output_freely(gm)
+def discover(gm: fx.GraphModule, final: str = "parametrised") -> list[Site]:
+    """All sites of a shape-propagated graph, final activations (``final`` rule) excluded."""
+    free = final_nodes(gm, final)
     sites: list[Site] = []
     seen: set[fx.Node] = set()
     for node in gm.graph.nodes:

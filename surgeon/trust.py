@@ -97,6 +97,7 @@ _OPTIONS = {
     "fallback": lambda v: v in ("auto", "eager", "never"),
     "traced_in": lambda v: v in ("train", "eval"),
     "method": lambda v: v in ("fx", "hybrid", "eager"),
+    "final": lambda v: v in ("parametrised", "output"),
 }
 _REQUIRED = {"shift_scale": ("shift", "scale")}
 

@@ -305,3 +305,38 @@ def test_untraceable_error_names_the_users_file_and_line(models_dir) -> None:
         assert f"untraceable.py:{line}" in err.value.message
         assert "control flow" in err.value.message  # the tracer's own reason
         assert "--leaf" in err.value.hint
+
+
+def test_the_final_rules_on_springenbergs_all_cnn_c(tmp_path) -> None:
+    """Springenberg's net ends conv1x1 -> ReLU -> global pooling. By default that ReLU is
+    final (its value reaches the output through no parametrised layer); under the thesis's
+    rule only the output nonlinearity is final (the softmax, in the loss), so it gets a site."""
+    model = surgeon.build_model("allconv", {"width": 0.25})
+    assert isinstance(model.features[-1], nn.ReLU)
+    default = [s.name for s in surgeon.find_sites(model)]
+    thesis = [s.name for s in surgeon.find_sites(model, final="output")]
+    assert thesis == [*default, "features_19"]
+    gm = surgeon.insert(model, "layer", "layer", final="output")
+    assert gm.surgeon_record.passes[-1].options["final"] == "output"
+    assert gm.surgeon_record.finals == []
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(gm.eval()(x), model.eval()(x))
+    loaded = surgeon.load(surgeon.save(gm, tmp_path / "m"))  # the rule is replayed
+    assert [s.name for s in loaded.surgeon_record.sites] == thesis
+    plain = surgeon.build_model("allconv", {"width": 0.25, "final_relu": False})
+    assert [s.name for s in surgeon.find_sites(plain, final="output")] == default
+
+
+def test_the_output_rule_keeps_a_softmax_head_final() -> None:
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 4)
+
+        def forward(self, x):
+            return torch.softmax(self.fc2(torch.relu(self.fc1(x))), -1).flatten(1)
+
+    sites = surgeon.find_sites(Head(), final="output", input_size=[6])
+    assert [(s.name, s.kind) for s in sites] == [("x", "input"), ("relu", "activation")]
+    with pytest.raises(surgeon.SurgeonError, match="invalid final rule"):
+        surgeon.find_sites(Head(), final="last", input_size=[6])

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+import surgeon
+
 HEAVY = ("torch", "timm", "torchvision")
 
 PROBE = f"""
@@ -50,7 +52,7 @@ def test_help_and_version_import_neither_torch_nor_timm(args):
     assert result["rc"] == 0
     assert result["heavy"] == []
     if args == ["--version"]:
-        assert result["out"] == "fx-surgeon 0.1.0\n"
+        assert result["out"] == f"fx-surgeon {surgeon.__version__}\n"
     else:
         assert "Usage:" in result["out"]
 

@@ -22,14 +22,21 @@ class AllConvC(nn.Module):
     """All-CNN-C (Springenberg et al. 2014) for 32x32 inputs.
 
     conv3x3-96, conv3x3-96, conv3x3-96/2, conv3x3-192, conv3x3-192, conv3x3-192/2,
-    conv3x3-192 valid, conv1x1-192, conv1x1-classes, global average pool; ReLU after every
-    conv but the last. With ``dropout``: 0.2 on the input and 0.5 after each stride-2 conv.
+    conv3x3-192 valid, conv1x1-192, conv1x1-classes, global average pool, with a ReLU after
+    every conv, the last one included (Springenberg's table: "1x1 conv. 10 ReLU"; the softmax
+    is in the loss). ``final_relu=False`` drops the last ReLU (fx-surgeon 0.1's net). With
+    ``dropout``: 0.2 on the input and 0.5 after each stride-2 conv.
     """
 
     input_size = (3, 32, 32)
 
     def __init__(
-        self, num_classes: int = 10, in_chans: int = 3, dropout: bool = False, width: float = 1.0
+        self,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        dropout: bool = False,
+        width: float = 1.0,
+        final_relu: bool = True,
     ) -> None:
         super().__init__()
         c1, c2 = max(1, round(96 * width)), max(1, round(192 * width))
@@ -50,7 +57,7 @@ class AllConvC(nn.Module):
             nn.Dropout(0.5) if dropout else nn.Identity(),
             *block(c2, c2, 3, pad=0),
             *block(c2, c2, 1, pad=0),
-            nn.Conv2d(c2, num_classes, 1),
+            *(block(c2, num_classes, 1, pad=0) if final_relu else [nn.Conv2d(c2, num_classes, 1)]),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         he_init(self)

@@ -44,16 +44,18 @@ def find_sites(
     example_inputs: Sequence[torch.Tensor] | None = None,
     leaf: Iterable[str | type] = (),
     fallback: str = "auto",
+    final: str = "parametrised",
 ) -> list[Site]:
-    """The sites ``insert`` would use, in graph order (``fallback`` as in :func:`insert`)."""
+    """The sites ``insert`` would use, in graph order (options as in :func:`insert`)."""
     a = analyse(
-        model, input_size=input_size, example_inputs=example_inputs, leaf=leaf, fallback=fallback
-    )
+        model, input_size=input_size, example_inputs=example_inputs, leaf=leaf,
+        fallback=fallback, final=final,
+    )  # fmt: skip
     return sites_mod.select(a.sites, include, exclude)
 
 
 def _replay_insert(model: nn.Module, p: PassEntry) -> nn.Module:
-    opts = p.pick("include", "exclude", "input_size", "leaf", "fused", "fallback")
+    opts = p.pick("include", "exclude", "input_size", "leaf", "fused", "fallback", "final")
     return insert(model, p.options["shift"], p.options["scale"], **opts)
 
 
@@ -72,6 +74,7 @@ def insert(
     fused: bool = False,
     fallback: str = "auto",
     inplace: bool = False,
+    final: str = "parametrised",
 ) -> nn.Module:
     """Insert ``ShiftScale(shift, scale)`` after the model's input and every non-final
     activation. Returns a new model that computes exactly the same outputs at init.
@@ -94,6 +97,10 @@ def insert(
             module level; ``never`` raises the tracer's error.
         inplace: work on ``model`` itself, not a copy: no second copy of the weights, and
             ``model`` is given up (its modules belong to the result).
+        final: which activations are final (no site): ``parametrised`` (the default) when
+            the value reaches the output through no parametrised layer (a ReLU before global
+            pooling and a softmax head), ``output`` only the output itself up to reshapes
+            (the thesis's rule: after every activation but the output nonlinearity).
     """
     check_mode(shift, "shift mode")
     check_mode(scale, "scale mode")
@@ -102,7 +109,7 @@ def insert(
     training = model.training
     a = analyse(
         model, input_size=input_size, example_inputs=example_inputs, leaf=leaf,
-        fallback=fallback, inplace=inplace,
+        fallback=fallback, inplace=inplace, final=final,
     )  # fmt: skip
     chosen = sites_mod.select(a.sites, include, exclude)
     if shift == "none" and scale == "none":
@@ -132,6 +139,7 @@ def insert(
                 "method": a.method,
                 # replayed by surgeon.load with the method it took: eager, or FX and never eager
                 "fallback": "eager" if a.method == "eager" else "never",
+                **({"final": final} if final != "parametrised" else {}),
             },
         )  # fmt: skip
     )
