@@ -409,12 +409,14 @@ def merge_results(
     previous: list[dict[str, Any]], new: list[dict[str, Any]], order: list[str] | None = None
 ) -> list[dict[str, Any]]:
     """Every row of ``previous`` and ``new`` (a new row replaces the previous one of the same
-    run): the runs named in ``order`` first, in that order, then the others as they were."""
+    run). With ``order`` (a recipe's runs) the runs it names come first, in that order, then
+    the others as they were; without it, the previous rows keep their places and new runs
+    follow."""
     rows = {r["name"]: r for r in previous}
     rows.update({r["name"]: r for r in new})
-    order = list(order or [r["name"] for r in new])
-    first = [n for n in dict.fromkeys(order) if n in rows]
-    rest = [r["name"] for r in [*previous, *new] if r["name"] not in set(first)]
+    first = [n for n in dict.fromkeys(order or []) if n in rows]
+    named = set(first)
+    rest = [r["name"] for r in [*previous, *new] if r["name"] not in named]
     return [rows[n] for n in [*first, *dict.fromkeys(rest)]]
 
 

@@ -91,7 +91,10 @@ def run_parallel(
             if on_done:
                 on_done(results[i])
             write_results(
-                out, recipe_name, [results[k] for k in sorted(results)], [c.name for c in configs]
+                out,
+                recipe_name,
+                [results[k] for k in sorted(results)],
+                [c.name for c in configs] if recipe_name else None,
             )
         time.sleep(poll_s)
     return [results[i] for i in range(len(configs))]

@@ -36,7 +36,7 @@ def run_configs(
     of being recorded as a failed run (the CLI's single runs: one error line, exit 2).
     ``out`` is made once a run has its data (a data error leaves no empty folder behind);
     runs already listed in its results are kept (see :func:`surgeon.rundir.write_results`)."""
-    order = [c.name for c in configs]
+    order = [c.name for c in configs] if recipe_name else None  # a recipe's order first
     datasets: dict[tuple, ImageData] = {}
     bases: dict[tuple, Any] = {}
     results = []
