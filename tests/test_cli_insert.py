@@ -211,6 +211,10 @@ def bad_input_cases(models_dir: Path, tmp_path: Path) -> dict[str, tuple[list[st
             ],
         ),
         "missing attribute": ([f"{models_dir / 'forms.py'}:Nope"], ["no attribute 'Nope'"]),
+        "factory fails": (
+            [str(models_dir / "build_fails.py")],
+            ["building", f"{models_dir / 'build_fails.py'}:7", "RuntimeError"],
+        ),
         "unknown timm": (["timm:resnet_5"], ["unknown timm model 'resnet_5'", "did you mean"]),
         "unknown torchvision": (
             ["torchvision:resnet_5"],

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ModelSourceError
+from ..errors import ModelSourceError, SurgeonError
 from .builtin import BUILTINS
 
 SourceFn = Callable[[str, dict[str, Any]], nn.Module]
@@ -126,6 +126,15 @@ def _load_file(path: Path):
     return module
 
 
+def _user_line(exc: BaseException, path: Path) -> str:
+    """``file:line`` of the innermost traceback frame in the model file, else the innermost
+    frame of all (a library the file called)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = [f for f in frames if Path(f.filename).resolve() == path.resolve()]
+    f = mine[-1] if mine else (frames[-1] if frames else None)
+    return f"{f.filename}:{f.lineno}" if f else str(path)
+
+
 def _used_names(node: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | {
         n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)
@@ -196,9 +205,14 @@ def _from_file(spec: str, args: dict[str, Any]) -> nn.Module:
         )
     try:
         model = obj(**args)
-    except TypeError as exc:
+    except SurgeonError:
+        raise
+    except Exception as exc:  # the user's own code failed: say where, in one line
+        where = _user_line(exc, path)
+        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        hint = "check the --model-arg names" if isinstance(exc, TypeError) else "fix the model file"
         raise ModelSourceError(
-            f"cannot build {spec}: {exc}", hint="check the --model-arg names"
+            f"building {spec} failed at {where}: {type(exc).__name__}: {text}", hint=hint
         ) from exc
     if not isinstance(model, nn.Module):
         raise ModelSourceError(
