@@ -369,19 +369,20 @@ def write_summary(run: Path, summary: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock on ``folder/.results.lock`` (POSIX), so runs sharing a folder merge
-    their results one at a time."""
+    """An exclusive lock on the folder itself (POSIX ``flock`` on its descriptor; no lock
+    file), so runs sharing a folder merge their results one at a time."""
     try:
         import fcntl
-    except ImportError:  # pragma: no cover - Windows: no lock
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):  # pragma: no cover - Windows: no lock
         yield
         return
-    with open(folder / ".results.lock", "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _previous_results(folder: Path) -> tuple[str, list[dict[str, Any]]]:

@@ -362,9 +362,18 @@ class Trainer:
         ]
 
     def _snapshot(self, epoch: int) -> None:
+        """The shift/scale parameters after ``epoch``: a temp file, fsynced, renamed."""
         path = rundir.snapshot_path(self.out, epoch)
-        save_file(snapshot_tensors(self.model), str(path))
-        rundir.follow_umask(path)  # safetensors creates its files 0600
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(snapshot_tensors(self.model), tmp)
+            rundir.follow_umask(tmp)  # mkstemp and safetensors make their files 0600
+            rundir.fsync_file(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def _log(self, rows: list[dict[str, Any]]) -> None:
         if self.main:

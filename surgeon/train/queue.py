@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,51 +51,54 @@ def run_parallel(
     running: dict[int, tuple[subprocess.Popen, int, TrainConfig, Path]] = {}
     results: dict[int, dict[str, Any]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="surgeon-queue-"))
-    while queue or running:
-        while queue and free:
-            i, cfg = queue.popleft()
-            slot = free.pop(0)
-            cfg_file = tmp / f"{i}.json"
-            cfg_file.write_text(json.dumps(cfg.to_dict()))
-            log = open(out / f".{cfg.name}.log", "w")  # noqa: SIM115 (closed when the run ends)
-            cmd = [
-                sys.executable,
-                "-m",
-                "surgeon",
-                "train",
-                "--config",
-                str(cfg_file),
-                "--out",
-                str(out),
-                "--quiet",
-            ]
-            proc = subprocess.Popen(
-                cmd, env={**os.environ, **envs[slot]}, stdout=log, stderr=subprocess.STDOUT
-            )
-            running[i] = (proc, slot, cfg, Path(log.name))
-            log.close()
-        for i, (proc, slot, cfg, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[i]
-            free.append(slot)
-            summary = rundir.read_summary(out / cfg.name)
-            if summary is not None:
-                results[i] = summary
-            else:
-                tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
-                results[i] = _failed(
-                    cfg,
-                    f"exit code {proc.returncode}: {tail[0] if tail else 'no output'}",
-                    out / cfg.name,
+    try:
+        while queue or running:
+            while queue and free:
+                i, cfg = queue.popleft()
+                slot = free.pop(0)
+                cfg_file = tmp / f"{i}.json"
+                cfg_file.write_text(json.dumps(cfg.to_dict()))
+                log = open(out / f".{cfg.name}.log", "w")  # noqa: SIM115 (closed when the run ends)
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "surgeon",
+                    "train",
+                    "--config",
+                    str(cfg_file),
+                    "--out",
+                    str(out),
+                    "--quiet",
+                ]
+                proc = subprocess.Popen(
+                    cmd, env={**os.environ, **envs[slot]}, stdout=log, stderr=subprocess.STDOUT
                 )
-            if on_done:
-                on_done(results[i])
-            write_results(
-                out,
-                recipe_name,
-                [results[k] for k in sorted(results)],
-                [c.name for c in configs] if recipe_name else None,
-            )
-        time.sleep(poll_s)
+                running[i] = (proc, slot, cfg, Path(log.name))
+                log.close()
+            for i, (proc, slot, cfg, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[i]
+                free.append(slot)
+                summary = rundir.read_summary(out / cfg.name)
+                if summary is not None:
+                    results[i] = summary
+                else:
+                    tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
+                    results[i] = _failed(
+                        cfg,
+                        f"exit code {proc.returncode}: {tail[0] if tail else 'no output'}",
+                        out / cfg.name,
+                    )
+                if on_done:
+                    on_done(results[i])
+                write_results(
+                    out,
+                    recipe_name,
+                    [results[k] for k in sorted(results)],
+                    [c.name for c in configs] if recipe_name else None,
+                )
+            time.sleep(poll_s)
+    finally:  # the runs' config files
+        shutil.rmtree(tmp, ignore_errors=True)
     return [results[i] for i in range(len(configs))]
