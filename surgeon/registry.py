@@ -20,7 +20,9 @@ timm, and ``import surgeon`` alone never does.
 
 from __future__ import annotations
 
+import operator
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -211,7 +213,8 @@ def __getattr__(name: str):
 
 
 def lookup_module(module: nn.Module) -> tuple[str, bool] | None:
-    """``(kind, gate_candidate)`` if ``module`` is a registered activation, else None."""
+    """``(kind, gate_candidate)`` if ``module`` is a registered activation, or a module that
+    behaves as one (:func:`behaves_like_activation`), else None."""
     sync()
     for cls in type(module).__mro__:
         if cls in _ACT_MODULES:
@@ -219,4 +222,61 @@ def lookup_module(module: nn.Module) -> tuple[str, bool] | None:
             return e.kind, e.gate_candidate
         if cls in _NORM_ACT_MODULES:
             return ("norm_act", False) if _NORM_ACT_MODULES[cls](module) else None
-    return None
+    return behaves_like_activation(module)
+
+
+_ARITHMETIC_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+    torch.add, torch.sub, torch.mul, torch.div,
+}  # fmt: skip
+_ARITHMETIC_METHODS = {"add", "sub", "mul", "div", "neg"}
+_BEHAVIOUR: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def behaves_like_activation(module: nn.Module) -> tuple[str, bool] | None:
+    """``(kind, gate_candidate)`` for a module no table names whose forward applies exactly
+    one registered activation to its input (transformers' ``GELUActivation``, a user's
+    ``MySwish``), seen by tracing the module alone; else None. Modules with parameters or
+    children, and torch.nn's own, never count. Cached per module."""
+    if module in _BEHAVIOUR:
+        return _BEHAVIOUR[module]
+    hit = None
+    cls = type(module)
+    own = not cls.__module__.startswith("torch.")
+    if (
+        own
+        and not any(True for _ in module.parameters())
+        and not any(True for _ in module.children())
+    ):
+        hit = _traced_activation(module)
+    _BEHAVIOUR[module] = hit
+    return hit
+
+
+def _traced_activation(module: nn.Module) -> tuple[str, bool] | None:
+    import warnings
+
+    from torch import fx
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = fx.Tracer().trace(module)
+    except Exception:  # not traceable alone: not recognised by behaviour
+        return None
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    calls = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    if len(placeholders) < 1 or any(n.op == "call_module" for n in calls):
+        return None
+    acts, other = [], []
+    for n in calls:
+        entry = (ACT_FUNCTIONS if n.op == "call_function" else ACT_METHODS).get(n.target)
+        (acts if entry is not None else other).append((n, entry))
+    arithmetic = all(
+        n.target in (_ARITHMETIC_FUNCTIONS if n.op == "call_function" else _ARITHMETIC_METHODS)
+        for n, _ in other
+    )
+    if len(acts) != 1 or not arithmetic:
+        return None
+    entry = acts[0][1]
+    return entry.kind, entry.gate_candidate and not other  # x * sigmoid(k * x) is not a gate
