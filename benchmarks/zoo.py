@@ -61,7 +61,7 @@ COLUMNS = [
     "model", "params_m", "status", "handled", "method", "time_s", "sites", "sites_input",
     "sites_activation", "sites_gate", "sites_softmax", "sites_norm_act", "sites_in_leaves",
     "finals", "unreached", "runtime_calls", "recall", "recall_exact", "explained", "recall_on",
-    "max_abs_diff", "input_size", "reasons", "channel_ok", "save_ok", "error",
+    "max_abs_diff", "input_size", "reasons", "channel_ok", "save_ok", "error", "cpu_s",
 ]  # fmt: skip
 
 # always in --sample: QuickGELU written out (x * sigmoid(1.702 x)), a real-size NFNet
@@ -248,13 +248,13 @@ def time_one(spec: str) -> dict:
     model = _build_meta_first(spec).to("meta")
     model.eval()
     size = tuple(default_input_size(model))
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     gm = surgeon.insert(model, "layer", "layer", input_size=size, fallback="auto")
-    elapsed = time.perf_counter() - t
+    elapsed, cpu = time.perf_counter() - t, time.process_time() - cpu
     rec = gm.surgeon_record.to_dict()
     return {
         "model": spec, "status": "ok", "handled": True, "method": rec.get("method", "fx"),
-        "time_s": round(elapsed, 3), "sites": len(rec["sites"]),
+        "time_s": round(elapsed, 3), "cpu_s": round(cpu, 3), "sites": len(rec["sites"]),
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "input_size": "x".join(map(str, size)),
     }  # fmt: skip
