@@ -375,9 +375,9 @@ def test_functional_dropout_in_a_submodule_follows_the_mode(traces, training: bo
 
 
 def test_without_replays_the_whole_model_is_traced_again(traces, monkeypatch) -> None:
-    from surgeon.tracing import SurgeonTracer
+    from surgeon import _fx_fast
 
-    monkeypatch.setattr(SurgeonTracer, "_can_replay", lambda self: False)  # another torch
+    monkeypatch.setattr(_fx_fast.Replaying, "_can_replay", lambda self: False)  # another torch
     gm = surgeon.insert(_Net(p=0.5, functional=True), "layer", "layer")
     assert len(traces) == 2 and "warnings" not in gm.surgeon_record.to_dict()
     assert len([m for m in gm.modules() if isinstance(m, nn.Dropout)]) == 3
