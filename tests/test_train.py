@@ -170,11 +170,11 @@ def test_a_grid_run_equals_the_same_run_alone(data, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "make, count, ndim, reference",
-    [(allconv, 8, 4, nn.BatchNorm2d), (mlp, 1, 2, nn.BatchNorm1d)],
+    "make, count, final, ndim, reference",
+    [(allconv, 8, 1, 4, nn.BatchNorm2d), (mlp, 1, 0, 2, nn.BatchNorm1d)],
     ids=["allconv", "mlp"],
 )
-def test_batchnorm_variant(make, count, ndim, reference):
+def test_batchnorm_variant(make, count, final, ndim, reference):
     cfg = make(norm="batchnorm", shift="none", scale="none")
     model = derive(build_base(cfg, 10, SIZE), cfg, SIZE)
     bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
@@ -184,8 +184,9 @@ def test_batchnorm_variant(make, count, ndim, reference):
         for n in model.graph.nodes
         if n.op == "call_module" and isinstance(model.get_submodule(n.target), nn.ReLU)
     ]
-    assert len(relus) == count  # every activation is non-final here: each gets one BN
-    for node in relus:
+    # every non-final activation gets one BN; All-CNN-C's ReLU after its last conv is final
+    assert len(relus) == count + final
+    for node in relus[:count]:
         (src,) = node.all_input_nodes
         assert src.op == "call_module" and src.target in bns  # BN right before the activation
         (layer,) = src.all_input_nodes
@@ -193,6 +194,8 @@ def test_batchnorm_variant(make, count, ndim, reference):
         assert isinstance(weight, (nn.Conv2d, nn.Linear))
         out_features = getattr(weight, "out_channels", None) or weight.out_features
         assert bns[src.target].num_features == out_features
+    for node in relus[count:]:  # a final activation gets none
+        assert not any(a.op == "call_module" and a.target in bns for a in node.all_input_nodes)
     # the final layer feeds no BN
     last = [n for n in model.graph.nodes if n.op == "output"][0]
     assert not any(a.target in bns for a in last.all_input_nodes if a.op == "call_module")
