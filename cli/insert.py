@@ -104,6 +104,14 @@ def insert_command(
             metavar="RULE",
         ),
     ] = "parametrised",
+    placement: Annotated[
+        str,
+        typer.Option(
+            help="where the sites are: activations (the input and every non-final activation) "
+            "or ssf (after every linear, conv and norm layer but the classifier)",
+            metavar="WHERE",
+        ),
+    ] = "activations",
     check_limit: Annotated[
         int,
         typer.Option(
@@ -118,9 +126,10 @@ def insert_command(
     check_mode(scale, "scale mode")
     import torch
 
-    from surgeon.sites import check_final_rule
+    from surgeon.sites import check_final_rule, check_placement
 
     check_final_rule(final)
+    check_placement(placement)
     from surgeon.models import parse_model_args
     from surgeon.summary import insertion_summary
 
@@ -143,7 +152,7 @@ def insert_command(
         warnings.simplefilter("ignore", UserWarning)
         gm = surgeon.insert(
             base, shift, scale, include=include, exclude=exclude, input_size=input_size,
-            leaf=leaf, fallback=fallback, inplace=big, final=final,  # big: no second copy
+            leaf=leaf, fallback=fallback, inplace=big, final=final, placement=placement,
         )  # fmt: skip
     summary = insertion_summary(
         None if big else base, gm, spec=model, shift=shift, scale=scale, params_model=params,

@@ -101,6 +101,7 @@ def analyse(
     fallback: str = "never",
     inplace: bool = False,
     final: str = "parametrised",
+    placement: str = "activations",
 ) -> Analysis:
     """Trace a copy of ``model``, propagate shapes and find its sites.
 
@@ -108,10 +109,13 @@ def analyse(
     observes an eager copy instead, unless that reaches no activation call; ``eager`` always
     observes. ``inplace`` works on ``model`` itself instead of a copy (no second copy of the
     weights; the caller gives the model up). ``final``: which activations get no site
-    (:data:`surgeon.sites.FINAL_RULES`).
+    (:data:`surgeon.sites.FINAL_RULES`). ``placement``: which nodes are sites
+    (:data:`surgeon.sites.PLACEMENTS`; ``ssf`` needs a graph: no fallback).
     """
     check_fallback(fallback)
     sites_mod.check_final_rule(final)
+    if sites_mod.check_placement(placement) == "ssf":
+        fallback = "never"
     leaf = list(leaf)
     types = [c for c in leaf if isinstance(c, type)]
     types += resolve_leaf_names(model, [c for c in leaf if isinstance(c, str)])
@@ -121,7 +125,7 @@ def analyse(
     why = None
     if fallback != "eager":
         try:
-            return _analyse_graph(model, inputs, types, size, names, inplace, final)
+            return _analyse_graph(model, inputs, types, size, names, inplace, final, placement)
         except TraceError as exc:
             if fallback == "never":
                 raise
@@ -141,10 +145,15 @@ def _analyse_graph(
     names: list[str],
     inplace: bool,
     final: str,
+    placement: str = "activations",
 ) -> Analysis:
     gm = trace(model, leaf_types, copy_model=not inplace, n_inputs=len(inputs), compile=False)
     if getattr(model, "surgeon_source", None) is not None:
         set_preserved(gm, "surgeon_source", copy.deepcopy(model.surgeon_source))
+    if placement == "ssf":  # layers of the graph only; activations are not the question
+        shapes.propagate(gm, inputs)
+        sites = sites_mod.discover(gm, final, placement)
+        return Analysis(gm, sites, size, names, "fx")
     found = module_sites.propagate_with_leaves(gm, inputs, leaf_types, final)
     graph_sites = sites_mod.discover(gm, final)
     finals, unreached = module_sites.graph_leftovers(gm, graph_sites, final)

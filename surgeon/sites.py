@@ -372,13 +372,68 @@ def _site_node_for_gate(node: fx.Node) -> tuple[str, fx.Node] | None:
     return None
 
 
-def discover(gm: fx.GraphModule, final: str = "parametrised") -> list[Site]:
-    """All sites of a shape-propagated graph, final activations (``final`` rule) excluded."""
+PLACEMENTS = ("activations", "ssf")
+"""Where the sites are: ``activations`` (the thesis: the input and every non-final
+activation) or ``ssf`` (Lian et al. 2022, scale-and-shift fine-tuning: the output of every
+linear, convolution and normalisation layer, the classifier excepted)."""
+_SSF_MODULES = (
+    nn.Linear, nn.modules.conv._ConvNd, nn.LayerNorm, nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm, nn.RMSNorm,
+)  # fmt: skip
+
+
+def check_placement(placement: str) -> str:
+    if placement not in PLACEMENTS:
+        raise SurgeryError(
+            f"invalid placement {placement!r}", hint=f"choose {' or '.join(PLACEMENTS)}"
+        )
+    return placement
+
+
+_SSF_FUNCTIONS = {
+    F.linear: "linear", F.conv1d: "linear", F.conv2d: "linear", F.conv3d: "linear",
+    F.layer_norm: "norm", F.group_norm: "norm", F.batch_norm: "norm", F.rms_norm: "norm",
+}  # fmt: skip
+
+
+def _ssf_kind(node: fx.Node, gm: fx.GraphModule) -> tuple[str, str, bool] | None:
+    """A linear, conv or norm layer's output (module, or function with its own parameters,
+    as timm's LayerNorm calls ``F.layer_norm``): ``(kind, target, False)``."""
+    if node.op == "call_function" and node.target in _SSF_FUNCTIONS:
+        if _is_parametrised(node, gm):
+            return _SSF_FUNCTIONS[node.target], describe(node.target), False
+        return None
+    if node.op != "call_module":
+        return None
+    mod = gm.get_submodule(node.target)
+    if not isinstance(mod, _SSF_MODULES) or not any(True for _ in mod.parameters()):
+        return None
+    kind = (
+        "norm"
+        if isinstance(
+            mod, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
+        )
+        else "linear"
+    )
+    return kind, describe(type(mod)), False
+
+
+def discover(
+    gm: fx.GraphModule, final: str = "parametrised", placement: str = "activations"
+) -> list[Site]:
+    """All sites of a shape-propagated graph, final ones (``final`` rule) excluded.
+    ``placement`` says which nodes are sites (:data:`PLACEMENTS`)."""
     free = final_nodes(gm, final)
+    ssf = check_placement(placement) == "ssf"
     sites: list[Site] = []
     seen: set[fx.Node] = set()
     for node in gm.graph.nodes:
-        if node.op == "placeholder":
+        if ssf:
+            hit = _ssf_kind(node, gm)
+            if hit is None:
+                continue
+            entry = (hit[0], hit[1], node)
+        elif node.op == "placeholder":
             shape, dtype = node_shape(node), node_dtype(node)
             if shape is None or dtype is None or not dtype.is_floating_point or not node.users:
                 continue

@@ -98,6 +98,7 @@ _OPTIONS = {
     "traced_in": lambda v: v in ("train", "eval"),
     "method": lambda v: v in ("fx", "hybrid", "eager"),
     "final": lambda v: v in ("parametrised", "output"),
+    "placement": lambda v: v in ("activations", "ssf"),
 }
 _REQUIRED = {"shift_scale": ("shift", "scale")}
 

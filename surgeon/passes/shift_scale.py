@@ -55,7 +55,9 @@ def find_sites(
 
 
 def _replay_insert(model: nn.Module, p: PassEntry) -> nn.Module:
-    opts = p.pick("include", "exclude", "input_size", "leaf", "fused", "fallback", "final")
+    opts = p.pick(
+        "include", "exclude", "input_size", "leaf", "fused", "fallback", "final", "placement"
+    )
     return insert(model, p.options["shift"], p.options["scale"], **opts)
 
 
@@ -75,6 +77,8 @@ def insert(
     fallback: str = "auto",
     inplace: bool = False,
     final: str = "parametrised",
+    placement: str = "activations",
+    init_std: float = 0.0,
 ) -> nn.Module:
     """Insert ``ShiftScale(shift, scale)`` after the model's input and every non-final
     activation. Returns a new model that computes exactly the same outputs at init.
@@ -101,6 +105,10 @@ def insert(
             the value reaches the output through no parametrised layer (a ReLU before global
             pooling and a softmax head), ``output`` only the output itself up to reshapes
             (the thesis's rule: after every activation but the output nonlinearity).
+        placement: ``activations`` (the thesis's sites) or ``ssf`` (after every linear,
+            conv and norm layer but the classifier, as SSF fine-tuning places them).
+        init_std: 0 (the default) starts every module at the identity; SSF draws scales from
+            N(1, init_std) and shifts from N(0, init_std) (the output then differs at init).
     """
     check_mode(shift, "shift mode")
     check_mode(scale, "scale mode")
@@ -109,7 +117,7 @@ def insert(
     training = model.training
     a = analyse(
         model, input_size=input_size, example_inputs=example_inputs, leaf=leaf,
-        fallback=fallback, inplace=inplace, final=final,
+        fallback=fallback, inplace=inplace, final=final, placement=placement,
     )  # fmt: skip
     chosen = sites_mod.select(a.sites, include, exclude)
     if shift == "none" and scale == "none":
@@ -119,6 +127,8 @@ def insert(
         layer = make_shift_scale(
             shift, scale, site.feature_shape, site.channel_dim, fused=fused, device=device
         )
+        if init_std:
+            _ssf_init(layer, init_std)
         site.module = site.attach(a.model, layer)
     if a.fallback_reason is not None:
         msg = f"{a.fallback_reason.message}; inserted at module level instead (method: eager)"
@@ -140,12 +150,21 @@ def insert(
                 # replayed by surgeon.load with the method it took: eager, or FX and never eager
                 "fallback": "eager" if a.method == "eager" else "never",
                 **({"final": final} if final != "parametrised" else {}),
+                **({"placement": placement} if placement != "activations" else {}),
             },
         )  # fmt: skip
     )
     record.sites = [s.description() for s in chosen]
     record.method, record.finals, record.unreached = a.method, a.finals, a.unreached
     return finish(a.model, record, training)
+
+
+@torch.no_grad()
+def _ssf_init(layer: ShiftScale, std: float) -> None:
+    if layer.scale is not None:
+        layer.scale.normal_(1.0, std)
+    if layer.shift is not None:
+        layer.shift.normal_(0.0, std)
 
 
 def _replay_batchnorm(model: nn.Module, p: PassEntry) -> nn.Module:
