@@ -16,7 +16,7 @@ _EXPORTS = {
     "SurgeonError": "errors",
     "FoldReport": "passes",
     "fold": "passes",
-    "load": "io",
+    "load": "adapters",
     "save": "io",
     "ChannelBatchNorm": "layers",
     "Scale": "layers",
@@ -47,8 +47,9 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
+    from .adapters import load
     from .errors import SurgeonError
-    from .io import load, save
+    from .io import save
     from .layers import ChannelBatchNorm, Scale, Shift, ShiftScale
     from .models import build_model
     from .passes import (
