@@ -48,9 +48,24 @@ def fold_command(
             "--trust-code", help="allow the saved model to run the .py file its record names"
         ),
     ] = False,
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            help="for an adapter folder: the base weights it was trained on (.safetensors, "
+            "or a folder holding model.safetensors)",
+            metavar="WEIGHTS",
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="accept a --base whose sha256 differs from the recorded one"),
+    ] = False,
 ) -> None:
     """Fold shift/scale modules into the neighbouring Linear/conv/BatchNorm where exact."""
-    read_record(model_dir)  # a clear error for a folder that is not a saved model
+    from surgeon.adapters import is_adapter
+
+    if not is_adapter(model_dir):
+        read_record(model_dir)  # a clear error for a folder that is not a saved model
     if output.resolve() == model_dir.resolve():
         raise SurgeonError(
             f"-o {output} is the input folder", hint="write the folded model to a new folder"
@@ -60,7 +75,7 @@ def fold_command(
             f"refusing to write into {output}: it exists and is not a saved model",
             hint="choose an empty or new folder with -o",
         )
-    model = surgeon.load(model_dir, trust_code=trust_code)
+    model = surgeon.load(model_dir, trust_code=trust_code, base=base, force=force)
     size = _parse_size(input_size) if input_size is not None else None
     folded, report = surgeon.fold(model, input_size=size)
     diff, top = report.max_abs_diff, report.max_abs_output or 0.0
