@@ -128,16 +128,28 @@ class Runner:
         self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - before) / 2**20
 
 
-def run(args, save=lambda report: None) -> dict:
-    """Measure; ``save(report)`` after each phase (eager, compiled) so a timeout keeps the first."""
+def run(args, save=lambda report: None, deadline: float | None = None) -> dict:
+    """Measure; ``save(report)`` after each phase (eager, compiled) so a timeout keeps the first.
+
+    ``args`` as from :func:`default_args`. With ``deadline`` (a ``time.monotonic()`` value) a
+    variant not yet warmed up when it passes is dropped and listed under ``"skipped"``, and
+    the compiled phase is not started; ``plain`` is always warmed up first."""
     device = torch.device(args.device)
+    skipped: list[str] = []
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32, device=device)
     if args.channels_last:
         x = x.to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     results = []
-    for compiled in [False] + ([True] if args.compile else []):
+    phases = ([] if getattr(args, "skip_eager", False) else [False]) + (
+        [True] if args.compile else []
+    )
+    for compiled in phases:
+        tag = "compiled" if compiled else "eager"
+        if deadline is not None and time.monotonic() > deadline:
+            skipped.append(f"{tag} phase (time budget)")
+            continue
         runners = []
         for name, (group, build) in variants(args).items():
             if args.only and not any(s in name for s in args.only):
@@ -145,10 +157,15 @@ def run(args, save=lambda report: None) -> dict:
             torch.manual_seed(0)
             model = build(AllConvC(width=args.width))
             runners.append((group, Runner(name, model, args, device, x, y, compiled)))
-        tag = "compiled" if compiled else "eager"
-        for _, r in runners:
+        warm = []
+        for group, r in runners:
+            if deadline is not None and r.name != "plain" and time.monotonic() > deadline:
+                skipped.append(f"{r.name} {tag} (time budget)")
+                continue
             r.warmup(args.warmup)
+            warm.append((group, r))
             print(f"  {tag:8s} {r.name:24s} warm ({r.compile_s:.1f}s first step)", flush=True)
+        runners = warm
         for _ in range(args.rounds):
             for _, r in runners:
                 r.timed(args.iters)
@@ -175,11 +192,11 @@ def run(args, save=lambda report: None) -> dict:
                 }
             )
         del runners
-        save(_report(args, device, results))
-    return _report(args, device, results)
+        save(_report(args, device, results, skipped))
+    return _report(args, device, results, skipped)
 
 
-def _report(args, device: torch.device, results: list[dict]) -> dict:
+def _report(args, device: torch.device, results: list[dict], skipped=()) -> dict:
     return {
         "benchmark": "overhead",
         "device": device.type,
@@ -200,8 +217,19 @@ def _report(args, device: torch.device, results: list[dict]) -> dict:
         },
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "fused_backend": _fused_backend(device),
         "results": results,
+        "skipped": list(skipped),
     }
+
+
+def _fused_backend(device: torch.device) -> str:
+    """What ``fused=True`` runs on this device: "triton" or "torch"."""
+    from surgeon.ops import fused as op
+
+    if op.BACKEND == "torch" or (op.BACKEND == "auto" and device.type != "cuda"):
+        return "torch"
+    return "triton" if op._triton() is not None else "torch"
 
 
 def _triton_version() -> str | None:
@@ -234,7 +262,18 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+DEFAULTS = {  # option: (CPU, CUDA)
+    "width": (0.5, 1.0),
+    "batch_size": (64, 512),
+    "warmup": (2, 10),
+    "rounds": (3, 5),
+    "iters": (3, 20),
+    "bf16": (False, True),
+    "channels_last": (False, True),
+}
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--width", type=float, default=None, help="All-CNN-C width (CPU 0.5, CUDA 1)")
@@ -253,23 +292,33 @@ def main() -> None:
     ap.add_argument(
         "--out", default=None, help="JSON path (default results/overhead_<device>.json)"
     )
-    args = ap.parse_args()
+    return ap
+
+
+def default_args(device: str = "cpu", **options) -> argparse.Namespace:
+    """The command line's arguments as a namespace, the device's defaults filled in;
+    ``options`` set any of them (``only=[...]``, ``compile=True``, ``skip_eager=True``...)."""
+    args = parser().parse_args(["--device", device])
+    for key, value in options.items():
+        setattr(args, key, value)
+    return fill_defaults(args)
+
+
+def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     cuda = args.device.startswith("cuda")
-    for key, cpu_default, cuda_default in (
-        ("width", 0.5, 1.0),
-        ("batch_size", 64, 512),
-        ("warmup", 2, 10),
-        ("rounds", 3, 5),
-        ("iters", 3, 20),
-        ("bf16", False, True),
-        ("channels_last", False, True),
-    ):
+    for key, (cpu_default, cuda_default) in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, cuda_default if cuda else cpu_default)
+    if args.only and "plain" not in args.only:
+        args.only = [*args.only, "plain"]
+    return args
+
+
+def main() -> None:
+    args = fill_defaults(parser().parse_args())
+    cuda = args.device.startswith("cuda")
     if args.threads or not cuda:
         torch.set_num_threads(args.threads or 1)
-    if args.only and "plain" not in args.only:
-        args.only.append("plain")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results"
     if not args.out:
         out = out / f"overhead_{torch.device(args.device).type}.json"

@@ -4,7 +4,12 @@
     torchrun --nproc-per-node 1 benchmarks/throughput.py --ddp ...   # the same step wrapped in DDP
 
 Run both commands on the same machine: the JSON files in benchmarks/results/ hold the
-no-DDP and the DDP-at-world-size-1 numbers; `--compare` prints the ratio (target <= 1.03).
+no-DDP and the DDP-at-world-size-1 numbers; their ratio is the DDP overhead (target <= 1.03).
+
+    python benchmarks/throughput.py --recipe large-c100-resnet50 --device cuda --bf16
+
+measures a recipe's model and variants (its batch size, CIFAR-100's 100 classes).
+From Python (``benchmarks/gpu_check.py``): ``step_rate`` and ``recipe_rates``.
 """
 
 from __future__ import annotations
@@ -42,10 +47,70 @@ def step_rate(model, x, y, steps: int, warmup: int, bf16: bool, device: torch.de
     return steps * len(x) / (time.perf_counter() - t0)
 
 
+def recipe_rates(
+    recipe: str,
+    device: torch.device,
+    *,
+    steps: int,
+    warmup: int,
+    bf16: bool,
+    batch_size: int | None = None,
+    model_args: dict | None = None,
+    variants: list[str] | None = None,
+) -> dict:
+    """images/s of each variant of ``recipe``'s grid: its model built and derived the way
+    ``surgeon train`` does (one base, one init), on a fixed random batch of the recipe's size
+    (``batch_size`` overrides it, ``model_args`` update the model's). A variant that fails is
+    recorded with its error; the others go on."""
+    from surgeon.train import build_base, derive, load_recipe
+
+    shipped = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.toml"
+    # by path: with PYTHONPATH=. (no pip install) the surgeon_recipes package is not importable
+    rec = load_recipe(str(shipped) if shipped.is_file() else recipe)
+    base_cfg = dict(rec.base, device=device.type)
+    if model_args:
+        base_cfg["model_args"] = {**base_cfg.get("model_args", {}), **model_args}
+    cfg = rec.configs(base_cfg)[0]
+    classes = 100 if cfg.data == "cifar100" else 10
+    size = (3, 32, 32)
+    batch = batch_size or cfg.batch_size
+    t0 = time.perf_counter()
+    base = build_base(cfg, classes, size)
+    out = {
+        "recipe": recipe, "model": cfg.model, "model_args": cfg.model_args, "batch_size": batch,
+        "bf16": bf16, "steps": steps, "warmup": warmup, "build_s": time.perf_counter() - t0,
+        "images_per_s": {}, "errors": {},
+    }  # fmt: skip
+    torch.manual_seed(0)
+    x = torch.randn(batch, *size, device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
+    cuda = device.type == "cuda"
+    if cuda and cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for vcfg in rec.configs(base_cfg):
+        if variants is not None and vcfg.variant not in variants:
+            continue
+        try:
+            model = derive(base, vcfg, size).to(device)
+            if cuda and cfg.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            rate = step_rate(model, x, y, steps, warmup, bf16, device)
+            out["images_per_s"][vcfg.variant] = rate
+            del model
+        except Exception as exc:  # one variant's failure must not hide the others
+            out["errors"][vcfg.variant] = f"{type(exc).__name__}: {exc}"
+    plain = out["images_per_s"].get("plain")
+    out["ratio_vs_plain"] = {k: v / plain for k, v in out["images_per_s"].items()} if plain else {}
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="allconv")
     ap.add_argument("--model-arg", action="append", default=[])
+    ap.add_argument("--recipe", default=None, help="measure this recipe's model and variants")
     ap.add_argument("--input-size", default="3,32,32")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
@@ -59,6 +124,15 @@ def main() -> None:
     args = ap.parse_args()
     size = tuple(int(s) for s in args.input_size.split(","))
     device = torch.device(args.device)
+    if args.recipe:
+        result = recipe_rates(
+            args.recipe, device, steps=args.steps, warmup=args.warmup, bf16=args.bf16
+        )
+        print(json.dumps(result, indent=2))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        path = Path(args.out) / f"throughput_{device.type}_{args.recipe}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        return
     if args.ddp:
         import torch.distributed as dist
 
