@@ -82,7 +82,7 @@ def report_command(
         console.print(f"target error {100 * target:.2f}% ({report['target_err_source']})")
     console.print(
         f"wrote {len(report['figures'])} figures, summary.csv and report.json; "
-        f"open [bold]{report['index']}[/] or [bold]{report['html']}[/]"
+        f"open [bold]{escape(report['html'])}[/] in a browser (or {escape(report['index'])})"
     )
 
 

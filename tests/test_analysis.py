@@ -366,6 +366,20 @@ def test_plots(runs, tmp_path):
     assert_png(files[0])
 
 
+def test_plots_have_axis_labels_and_a_title(runs, tmp_path, monkeypatch):
+    from surgeon.analysis import plots
+
+    drawn, save = [], plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, path: drawn.append((fig, path)) or save(fig, path))  # fmt: skip
+    odd = make_run(tmp_path, "$\\bad{$", shift="channel", scale="channel")  # no mathtext
+    for paths in ([runs["element"]], [runs["a"], runs["b"], runs["channel"]], [odd]):
+        targets = analysis.load_targets(paths)
+        analysis.plot_inspect(analysis.inspect(targets, epochs=True), targets, tmp_path / "p")
+    assert {Path(p).name.split("_")[0] for _, p in drawn} == {"depth.png", "trajectory", "hist"}
+    for fig, path in drawn:
+        assert plots.missing_labels(fig) == [], path
+
+
 # ----------------------------------------------------------------- CLI
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 import math
+import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -14,7 +17,7 @@ from surgeon_cli.common import report_error
 from surgeon_cli.report import report_command
 
 from surgeon import analysis, rundir
-from surgeon.analysis.report import _site_order, epochs_to_target, summary_row
+from surgeon.analysis.report import _site_order, epochs_to_target, md_escape, summary_row
 from surgeon.errors import AnalysisError, SurgeonError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -176,7 +179,7 @@ def test_build_report(recipe, tmp_path):
     assert "35.00%" in md and "Diverged runs" in md and "non-finite loss at step 12" in md
     assert "EMA" in md
     page = (out / "index.html").read_text()
-    assert page.startswith("<!doctype html>") and all(f"src='{f}'" in page for f in files)
+    assert page.startswith("<!doctype html>") and all(f'src="{f}"' in page for f in files)
     with open(out / "summary.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 9
     saved = json.loads((out / "report.json").read_text())
@@ -190,6 +193,142 @@ def test_target_err_option_and_plain_runs(tmp_path):
     assert rep["target_err"] == 0.55 and rep["target_err_source"] == "given"
     assert [r["epochs_to_target"] for r in rep["runs"]] == [2, 2]
     assert sorted(f["file"] for f in rep["figures"]) == ["loss_lr0.04.png", "val_err_lr0.04.png"]
+
+
+def test_every_figure_has_axis_labels_and_a_title(recipe, tmp_path, monkeypatch):
+    from surgeon.analysis import plots, report
+
+    drawn, save = [], plots.save
+    monkeypatch.setattr(report, "save", lambda fig, path: drawn.append((fig, path)) or save(fig, path))  # fmt: skip
+    online = write_run(tmp_path / "online", "batchnorm", 0.01, 0, [0.6], probe=False)
+    config = json.loads((online / "config.json").read_text())
+    (online / "config.json").write_text(json.dumps({**config, "online": True}))
+    steps = [{"type": "step", "step": i, "loss": 1.0, "online_acc": 0.1 * i, "online_acc_window": 0.1} for i in range(1, 5)]  # fmt: skip
+    (online / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    analysis.build_report([recipe, online], tmp_path / "out")
+    kinds = {Path(p).name.split("_")[0] for _, p in drawn}
+    assert kinds == {"loss", "val", "probes", "online"}
+    for fig, path in drawn:
+        assert plots.missing_labels(fig) == [], path
+    fig, (ax,) = plots.figure()
+    ax.plot([0, 1])
+    assert plots.missing_labels(fig) == ["no title", "panel (row 0, col 0): no y-axis label", "panel (row 0, col 0): no x-axis label"]  # fmt: skip
+
+
+# ----------------------------------------------------------------- the page
+
+VOID = {"meta", "img", "hr", "br", "link"}
+
+
+class Page(HTMLParser):
+    """Tags (with their attributes) and the text inside each, checking that every element
+    is closed in order."""
+
+    def __init__(self, text: str):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.text: dict[str, list[str]] = {}
+        self.open: list[str] = []
+        self.data: list[str] = []
+        self.feed(text)
+        self.close()
+        assert not self.open, f"unclosed: {self.open}"
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag not in VOID:
+            self.open.append(tag)
+            self.text.setdefault(tag, []).append("")
+
+    def handle_endtag(self, tag):
+        assert self.open and self.open[-1] == tag, f"</{tag}> closes {self.open[-1:]}"
+        self.open.pop()
+
+    def handle_data(self, data):
+        self.data.append(data)
+        for tag in set(self.open):
+            self.text[tag][-1] += data
+
+    def all(self, tag: str) -> list[dict]:
+        return [a for t, a in self.tags if t == tag]
+
+
+HOSTILE = "<script>alert('x')</script> *bold* _it_ `tick` [l](u) & | #"
+VARIANT = "<b>$\\bad{$</b>"  # "$...$" would stop matplotlib if it were read as mathtext
+
+
+@pytest.fixture(scope="module")
+def hostile_report(recipe, tmp_path_factory) -> tuple[Path, dict]:
+    """The recipe's runs plus one whose name, variant, message and experiment are markup."""
+    root = tmp_path_factory.mktemp("hostile")
+    exp = root / "exp"
+    run = write_run(exp, "plain", 0.04, 7, [0.6, 0.5], diverge_at=8)
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(name=HOSTILE, variant=VARIANT, message="<img src=x onerror=alert(1)>")
+    (run / "summary.json").write_text(json.dumps(summary))
+    (exp / "results.json").write_text(json.dumps({"recipe": "<i>exp</i>", "runs": []}))
+    out = root / "report"
+    return out, analysis.build_report([recipe, exp], out)
+
+
+def test_index_html_is_a_rendered_page(hostile_report):
+    out, rep = hostile_report
+    text = (out / "index.html").read_text()
+    page = Page(text)
+    assert text.startswith("<!doctype html>") and page.all("meta")[0] == {"charset": "utf-8"}
+    assert page.text["h1"] == ["Training report"]
+    assert {"Summary", "By variant and learning rate", "Diverged runs", "Error per epoch"} <= set(
+        page.text["h2"]
+    )
+    assert "<i>exp</i>, lr 0.04" in page.text["h3"]  # a group title, as text
+    assert len(page.all("table")) == 2 and len(page.all("th")) >= 18
+    assert page.text["em"] == ["epochs to target"]
+    assert HOSTILE in page.text["code"] and html.escape(HOSTILE) in text
+    # markup from run folders is text: no element of it reaches the page
+    assert {t for t, _ in page.tags} <= {
+        "html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "p", "em", "code",
+        "div", "table", "thead", "tbody", "tr", "th", "td", "ul", "li", "figure", "a", "img", "hr",
+    }  # fmt: skip
+    assert "<script" not in text and "<b>" not in text and "onerror=alert(1)>" not in text
+    imgs = page.all("img")
+    assert sorted(i["src"] for i in imgs) == sorted(f["file"] for f in rep["figures"])
+    assert all(i["alt"] and (out / i["src"]).is_file() for i in imgs)
+    # nothing left as markdown, nothing fetched from elsewhere
+    body = "".join(page.data).replace(HOSTILE, "").replace(VARIANT, "")
+    assert "*" not in body and "`" not in body and "](" not in body and "\\" not in body
+    links = [a["href"] for a in page.all("a")]
+    assert all(":" not in h and not h.startswith("/") for h in links)
+    assert {"summary.csv", "report.json"} <= set(links)
+    assert "<link" not in text and "@import" not in text and "url(" not in text
+    diverged_rows = [a for t, a in page.tags if t == "tr" and a.get("class") == "diverged"]
+    assert len(diverged_rows) == 4  # two runs in the summary, two variant rows
+
+
+def test_index_md_and_html_show_the_same_content(hostile_report):
+    out, _ = hostile_report
+    md = (out / "index.md").read_text()
+    page = Page((out / "index.html").read_text())
+    for level in (1, 2, 3):
+        heads = [
+            line[level + 1 :] for line in md.splitlines() if line.startswith("#" * level + " ")
+        ]
+        assert [h.replace("\\", "") for h in heads] == page.text[f"h{level}"]
+    assert len([line for line in md.splitlines() if line.startswith("| --- |")]) == 2
+    figures = re.findall(r"^!\[.+\]\(([\w.+-]+\.png)\)$", md, flags=re.M)
+    assert figures == [i["src"] for i in page.all("img")]
+    # emphasis: only ours; the run name's stars are escaped, or inside code
+    markup = re.sub(r"`[^`]*`", "", re.sub(r"\\.", "", re.sub(r"``.*?``", "", md)))
+    assert re.findall(r"\*[^*]*\*", markup) == ["*epochs to target*"]
+    assert md_escape(HOSTILE) in md and "<" not in markup  # raw HTML only inside code
+
+
+def test_md_escape():
+    assert md_escape("plain_lr0.04_s0") == "plain_lr0.04_s0"  # inside a word: plain text
+    assert md_escape("_x_ *y* `z` [a](b) <c> d|e & f") == (
+        "\\_x\\_ \\*y\\* \\`z\\` \\[a\\](b) \\<c\\> d\\|e \\& f"
+    )
+    assert md_escape("# h") == "\\# h" and md_escape("a # b") == "a # b"
+    assert md_escape("two\nlines") == "two lines"
 
 
 # ----------------------------------------------------------------- CLI

@@ -6,6 +6,7 @@ switch), so plotting works headless and does not disturb an interactive session.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
@@ -17,6 +18,8 @@ IDENTITY = {"shift": 0.0, "scale": 1.0}
 MAX_HIST_SITES = 36
 MAX_BAND_SITES = 6  # more std bands in one panel are unreadable
 DPI = 110
+X_LABEL_INCHES = 0.3  # room for an x-axis label below rotated tick labels
+SITE_AXIS = "site, by depth (input first)"
 
 
 def figure(
@@ -37,11 +40,53 @@ def figure(
     return fig, [ax for row in axes for ax in row]
 
 
+def plain_text(plot):
+    """Decorator: ``plot`` draws with mathtext off, so a name from a run folder (``$x$``,
+    ``$\\bad{$``) is shown as written, never parsed (a parse error would stop the report)."""
+
+    @functools.wraps(plot)
+    def plot_plain(*args, **kwargs):
+        from matplotlib import rc_context
+
+        with rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+
+    return plot_plain
+
+
 def save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     return path
+
+
+def missing_labels(fig) -> list[str]:
+    """What a reader of ``fig`` would miss: a title (the figure's or a panel's) and, on every
+    panel, a y label (its own or the figure's) and an x label (its own, that of a panel below
+    it in the same column, or the figure's). Empty when nothing is missing."""
+
+    def fig_text(kind: str) -> str:  # fig.get_suptitle() etc. from matplotlib 3.8 on
+        text = getattr(fig, f"_{kind}", None)
+        return text.get_text() if text is not None else ""
+
+    panels = [ax for ax in fig.axes if ax.axison and ax.get_subplotspec() is not None]
+    out = []
+    if not fig_text("suptitle") and not any(ax.get_title() for ax in panels):
+        out.append("no title")
+    for ax in panels:
+        spec = ax.get_subplotspec()
+        name = ax.get_title() or f"panel (row {spec.rowspan.start}, col {spec.colspan.start})"
+        if not ax.get_ylabel() and not fig_text("supylabel"):
+            out.append(f"{name}: no y-axis label")
+        below = [
+            o for o in panels
+            if o.get_subplotspec().colspan == spec.colspan
+            and o.get_subplotspec().rowspan.start >= spec.rowspan.start
+        ]  # fmt: skip
+        if not any(o.get_xlabel() for o in below) and not fig_text("supxlabel"):
+            out.append(f"{name}: no x-axis label")
+    return out
 
 
 def slug(text: str) -> str:
@@ -82,11 +127,12 @@ def per_target(result: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]
     ]
 
 
+@plain_text
 def plot_depth(result: dict[str, Any], path: Path) -> Path:
     """Mean of each site's shift and scale against depth (min-max band), one line per target."""
     names = [s["name"] for s in result["sites"]]
     width = max(6.0, min(20.0, 0.35 * len(names) + 3))
-    bottom = label_inches(names)
+    bottom = label_inches(names) + X_LABEL_INCHES
     height = 5.8 + bottom
     fig, axes = figure(2, 1, (width, height))
     fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, top=1 - 0.4 / height, bottom=bottom / height, hspace=0.12)  # fmt: skip
@@ -112,6 +158,7 @@ def plot_depth(result: dict[str, Any], path: Path) -> Path:
             )
         _site_ticks(ax, names, show=ax is axes[-1])  # both panels show the same sites
         ax.grid(alpha=0.3)
+    axes[-1].set_xlabel(SITE_AXIS)
     axes[0].set_title("learned values by depth (line: mean, band: min to max)")
     if len(series) > 1 or series[0][0]:
         axes[0].legend(fontsize=8)
@@ -124,6 +171,7 @@ def _f(stats: dict[str, Any] | None, key: str) -> float:
     return float(stats[key])
 
 
+@plain_text
 def plot_trajectory(traj: dict[str, Any], path: Path) -> Path:
     """Each site's mean shift and scale over epochs, coloured by depth."""
     from matplotlib import colormaps
@@ -170,6 +218,7 @@ def plot_trajectory(traj: dict[str, Any], path: Path) -> Path:
     return save(fig, path)
 
 
+@plain_text
 def plot_histograms(target: Target, folder: Path) -> list[Path]:
     """One figure per element/channel-mode parameter: a histogram per site."""
     out = []
@@ -184,9 +233,9 @@ def plot_histograms(target: Target, folder: Path) -> list[Path]:
             continue
         ncols = min(6, len(sites))
         nrows = math.ceil(len(sites) / ncols)
-        size = (2.4 * ncols + 0.5, 2.0 * nrows + 0.8)
+        size = (2.4 * ncols + 0.8, 2.0 * nrows + 1.1)
         fig, axes = figure(nrows, ncols, size)
-        fig.subplots_adjust(left=0.35 / size[0], right=1 - 0.15 / size[0], top=1 - 0.6 / size[1], bottom=0.35 / size[1], wspace=0.35, hspace=0.55)  # fmt: skip
+        fig.subplots_adjust(left=0.65 / size[0], right=1 - 0.15 / size[0], top=1 - 0.6 / size[1], bottom=0.65 / size[1], wspace=0.35, hspace=0.55)  # fmt: skip
         for ax, site in zip(axes, sites):
             values = target.param(site, name).double().flatten()
             values = values[values.isfinite()].numpy()
@@ -200,6 +249,8 @@ def plot_histograms(target: Target, folder: Path) -> list[Path]:
         fig.suptitle(
             f"{target.label}: {name} per {target.modes[name]} (dashed: identity)", fontsize=9
         )
+        fig.supxlabel(f"{name} value", fontsize=8, y=0.08 / size[1], va="bottom")
+        fig.supylabel(f"{target.modes[name]}s per bin", fontsize=8, x=0.08 / size[0], ha="left")
         out.append(save(fig, Path(folder) / f"hist_{slug(target.label)}_{name}.png"))
     return out
 

@@ -12,17 +12,23 @@ from __future__ import annotations
 import csv
 import html
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from ..rundir import write_json_atomic
-from .plots import colors, figure, label_inches, save, slug
+from .plots import SITE_AXIS, X_LABEL_INCHES, colors, figure, label_inches, plain_text, save, slug
 from .runs import Run, load_runs
 from .stats import jsonable
 
 DEFAULT_MARGIN = 0.05  # default target error = best val error of any run + 5 points
-PROBE_METRICS = ("act_mean", "act_std", "grad_norm_before", "grad_norm_after")
+PROBE_METRICS = {  # probe row key: y-axis label
+    "act_mean": "activation mean",
+    "act_std": "activation std",
+    "grad_norm_before": "gradient norm, layer before",
+    "grad_norm_after": "gradient norm, layer after",
+}
 ROW_FIELDS = (
     "run", "experiment", "variant", "lr", "seed", "status", "best_val_err", "best_epoch",
     "final_val_err", "epochs_run", "epochs_to_target", "diverged_at_step", "message", "path",
@@ -131,6 +137,11 @@ def _group_title(runs: list[Run]) -> str:
     return f"{r.experiment + ', ' if r.experiment else ''}lr {lr}"
 
 
+def _x_diverged(runs: list[Run]) -> str:
+    """The title's key to the × marker, when a run has one."""
+    return "; x: diverged" if any(r.status == "diverged" for r in runs) else ""
+
+
 def _by_variant(runs: list[Run]) -> dict[str, list[Run]]:
     out: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
@@ -142,8 +153,11 @@ def _series(values: list[Any]) -> list[float]:
     return [float(v) if _finite(v) else math.nan for v in values]
 
 
+@plain_text
 def plot_loss(runs: list[Run], palette: dict[str, Any], path: Path) -> Path:
     """EMA training loss per step, one colour per variant, epoch ends as vertical lines."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, (ax,) = figure(1, 1, (9, 4.8))
     fig.subplots_adjust(left=0.07, right=0.98, top=0.93, bottom=0.1)
     emas = {r.ema for r in runs}
@@ -173,6 +187,7 @@ def plot_loss(runs: list[Run], palette: dict[str, Any], path: Path) -> Path:
             ax.axvline(row["step"], color="grey", linestyle=":", linewidth=0.7, label="epoch end" if i == 0 else None)  # fmt: skip
     if tops:
         ax.set_ylim(bottom=0, top=1.15 * max(tops))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
@@ -180,7 +195,9 @@ def plot_loss(runs: list[Run], palette: dict[str, Any], path: Path) -> Path:
         f", coefficient {shared_ema:g}" if shared_ema is not None else ""
     )
     ax.legend(fontsize=8, title=title, title_fontsize=8)
-    ax.set_title(f"training loss per step ({_group_title(runs)}); faint: raw loss, x: diverged")
+    ax.set_title(
+        f"training loss per step ({_group_title(runs)}); faint: raw loss{_x_diverged(runs)}"
+    )
     return save(fig, path)
 
 
@@ -198,6 +215,7 @@ def _mean_curve(rs: list[Run], key: str) -> tuple[list[int], list[float], list[f
     return epochs, mean, [min(per_epoch[e]) for e in epochs], [max(per_epoch[e]) for e in epochs]
 
 
+@plain_text
 def plot_val_err(
     runs: list[Run], palette: dict[str, Any], target: float | None, path: Path
 ) -> Path:
@@ -232,7 +250,7 @@ def plot_val_err(
     ax.set_ylabel("error (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"error per epoch ({_group_title(runs)}); x: diverged")
+    ax.set_title(f"error per epoch ({_group_title(runs)}){_x_diverged(runs)}")
     return save(fig, path)
 
 
@@ -282,6 +300,7 @@ def _epoch_label(runs: list[Run], which: str) -> str:
     return "epoch 0 (init)" if epoch == 0 else f"epoch {epoch}"
 
 
+@plain_text
 def plot_probes(runs: list[Run], palette: dict[str, Any], path: Path) -> Path | None:
     """Activation mean/std and gradient norms before/after each site, by depth; one line
     per variant; top row the first probed epoch, bottom row the last."""
@@ -292,13 +311,13 @@ def plot_probes(runs: list[Run], palette: dict[str, Any], path: Path) -> Path | 
         return None
     sites = _site_order(probed)
     width = max(12.0, min(24.0, 0.5 * len(sites) * 4))
-    label_in = label_inches(sites, fontsize=6)
+    label_in = label_inches(sites, fontsize=6) + X_LABEL_INCHES
     height = 6.5 + label_in
     fig, axes = figure(2, 4, (width, height))
-    fig.subplots_adjust(left=0.05, right=0.99, top=1 - 0.6 / height, bottom=label_in / height, wspace=0.35, hspace=0.25)  # fmt: skip
+    fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, top=1 - 0.6 / height, bottom=label_in / height, wspace=0.42, hspace=0.25)  # fmt: skip
     x = list(range(len(sites)))
     for row, which in enumerate(("first", "last")):
-        for col, metric in enumerate(PROBE_METRICS):
+        for col, (metric, ylabel) in enumerate(PROBE_METRICS.items()):
             ax = axes[4 * row + col]
             for variant, rs in _by_variant(probed).items():
                 y = _probe_values(rs, which, sites, metric)
@@ -315,9 +334,11 @@ def plot_probes(runs: list[Run], palette: dict[str, Any], path: Path) -> Path | 
                     LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4))
                 )
             ax.set_title(f"{metric} ({_epoch_label(probed, which)})", fontsize=9)
+            ax.set_ylabel(ylabel, fontsize=8)
             ax.set_xticks(x)
             if row == 1:  # both rows show the same sites: label the bottom one
                 ax.set_xticklabels(sites, rotation=60, ha="right", fontsize=6)
+                ax.set_xlabel(SITE_AXIS, fontsize=8)
             else:
                 ax.set_xticklabels([])
             ax.grid(alpha=0.3)
@@ -326,6 +347,7 @@ def plot_probes(runs: list[Run], palette: dict[str, Any], path: Path) -> Path | 
     return save(fig, path)
 
 
+@plain_text
 def plot_online(runs: list[Run], palette: dict[str, Any], path: Path) -> Path | None:
     """Online runs (``step`` rows with ``online_acc``, see :mod:`surgeon.train.online`):
     windowed (solid) and running (dotted) prequential accuracy against samples seen."""
@@ -407,23 +429,6 @@ def variant_table(agg: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
             row.insert(0, a["experiment"])
         cells.append(row)
     return header, cells
-
-
-def _md_table(header: list[str], cells: list[list[str]]) -> str:
-    def esc(s: str) -> str:
-        return s.replace("|", "\\|")
-
-    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in cells]
-    return "\n".join(lines)
-
-
-def _html_table(header: list[str], cells: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -511,75 +516,192 @@ _SECTIONS = (
     ("online", "Online learning: accuracy against samples seen", "Prequential accuracy of batch-size-1 runs (each sample predicted before it is trained on): over a sliding window (solid) and over all samples seen so far (dotted). Runs that failed at batch 1 are listed in the legend."),
 )  # fmt: skip
 
+# ----------------------------------------------------------------- the page
+# index.md and index.html are two renderings of one list of blocks (_page), so they show
+# the same content. Blocks: ("h", level, text), ("p", text), ("ul", [text, ...]),
+# ("table", header, cells), ("img", alt, file), ("hr",). A text is a list of spans: a str
+# (plain), ("em", s), ("code", s) or ("link", s, href). Every str may come from a run
+# folder (run names, messages, experiment names): each renderer escapes all of them.
 
-def _header_lines(report: dict[str, Any]) -> list[str]:
-    n = len(report["runs"])
+Span = str | tuple[str, ...]
+TEXT_COLUMNS = {"run", "variant", "experiment", "status"}  # left-aligned; the rest numbers
+
+
+def _tables(report: dict[str, Any]) -> tuple[list[Span], tuple, tuple]:
+    """The two tables; a single experiment is named once (returned) rather than per row."""
+    tables = summary_table(report["runs"]), variant_table(report["variants"])
+    experiments = sorted({r["experiment"] for r in report["runs"]})
+    if len(experiments) != 1 or tables[0][0][0] != "experiment":
+        return [], *tables
+    named = [(h[1:], [row[1:] for row in cells]) for h, cells in tables]
+    return [" of ", ("code", experiments[0])], *named
+
+
+def _page(report: dict[str, Any]) -> list[tuple]:
+    n, folders = len(report["runs"]), report["folders"]
+    experiment, runs_table, variants_table = _tables(report)
+    intro: list[Span] = [f"{n} run{'s' if n != 1 else ''}", *experiment, " from "]
+    for i, f in enumerate(folders):
+        intro += [", " if i else "", ("code", f)]
+    intro.append(f"; {len(report['diverged'])} diverged.")
     target = report["target_err"]
-    return [
-        f"{n} run{'s' if n != 1 else ''} from {', '.join(f'`{f}`' for f in report['folders'])}; "
-        f"{len(report['diverged'])} diverged.",
-        f"Target error for *epochs to target*: {_pct(target)} ({report['target_err_source']})."
-        if target is not None
-        else "No validation errors recorded.",
+    if target is not None:
+        about = ["Target error for ", ("em", "epochs to target"), f": {_pct(target)} ({report['target_err_source']})."]  # fmt: skip
+    else:
+        about = ["No validation errors recorded."]
+    blocks: list[tuple] = [("h", 1, ["Training report"]), ("p", intro), ("p", about)]
+    blocks += [("h", 2, ["Summary"]), ("table", *runs_table)]
+    blocks += [
+        ("h", 2, ["By variant and learning rate"]),
+        ("p", ["Mean ± sample std over the runs (seeds) of each variant and LR."]),
+        ("table", *variants_table),
+        ("h", 2, ["Diverged runs"]),
     ]
+    div = [r for r in report["runs"] if r["status"] == "diverged"]
+    if div:
+        blocks.append(("ul", [[("code", r["run"]), f": {r['message'] or 'diverged'}"] for r in div]))  # fmt: skip
+    else:
+        blocks.append(("p", ["None."]))
+    for kind, title, text in _SECTIONS:
+        figs = [f for f in report["figures"] if f["kind"] == kind]
+        if not figs:
+            continue
+        blocks += [("h", 2, [title]), ("p", [text])]
+        for f in figs:
+            blocks += [("h", 3, [f["group"]]), ("img", f"{title}, {f['group']}", f["file"])]
+    if report["warnings"]:
+        blocks += [("h", 2, ["Warnings"]), ("ul", [[w] for w in report["warnings"]])]
+    data = ["Data: ", ("link", "summary.csv", "summary.csv"), ", ", ("link", "report.json", "report.json"), "."]  # fmt: skip
+    return blocks + [("hr",), ("p", data)]
+
+
+def _one_line(s: Any) -> str:
+    return re.sub(r"[\r\n\t\f\v]+", " ", str(s))
+
+
+_MD_SPECIAL = re.compile(r"[\\`*\[\]<>|&]|^#|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+
+
+def md_escape(s: Any) -> str:
+    """``s`` as literal markdown text on one line: the characters markdown would read as
+    markup get a backslash (``_`` only at word edges: inside a word it is plain text)."""
+    return _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), _one_line(s))
+
+
+def _md_code(s: Any) -> str:
+    s = _one_line(s)
+    fence = "`" * (max((len(t) for t in re.findall("`+", s)), default=0) + 1)
+    pad = " " if s.startswith("`") or s.endswith("`") else ""
+    return f"{fence}{pad}{s}{pad}{fence}"
+
+
+def _md_text(spans: list[Span]) -> str:
+    out = []
+    for s in spans:
+        if isinstance(s, str):
+            out.append(md_escape(s))
+        elif s[0] == "em":
+            out.append(f"*{md_escape(s[1])}*")
+        elif s[0] == "code":
+            out.append(_md_code(s[1]))
+        else:  # link
+            out.append(f"[{md_escape(s[1])}]({s[2]})")  # hrefs are the report's own files
+    return "".join(out)
+
+
+def _md_block(block: tuple) -> str:
+    kind = block[0]
+    if kind == "h":
+        return "#" * block[1] + " " + _md_text(block[2])
+    if kind == "p":
+        return _md_text(block[1])
+    if kind == "ul":
+        return "\n".join("- " + _md_text(item) for item in block[1])
+    if kind == "table":
+        header, cells = block[1], block[2]
+        rule = ["---" if h in TEXT_COLUMNS else "---:" for h in header]
+        rows = [map(md_escape, header), rule, *(map(md_escape, row) for row in cells)]
+        return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    if kind == "img":
+        return f"![{md_escape(block[1])}]({block[2]})"  # a slug: no spaces or brackets
+    return "---"  # hr
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    """``index.md``: tables and embedded figures."""
-    lines = ["# Training report", "", *_header_lines(report), ""]
-    lines += ["## Summary", "", _md_table(*summary_table(report["runs"])), ""]
-    lines += ["## By variant and learning rate", "", "Mean ± sample std over the runs (seeds) of each variant and LR.", ""]  # fmt: skip
-    lines += [_md_table(*variant_table(report["variants"])), ""]
-    lines += ["## Diverged runs", ""]
-    div = [r for r in report["runs"] if r["status"] == "diverged"]
-    lines += [f"- `{r['run']}`: {r['message'] or 'diverged'}" for r in div] or ["None."]
-    lines.append("")
-    for kind, title, text in _SECTIONS:
-        figs = [f for f in report["figures"] if f["kind"] == kind]
-        if not figs:
-            continue
-        lines += [f"## {title}", "", text, ""]
-        for f in figs:
-            lines += [f"### {f['group']}", "", f"![{kind}, {f['group']}]({f['file']})", ""]
-    if report["warnings"]:
-        lines += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]
-    lines += ["---", "", "Data: [summary.csv](summary.csv), [report.json](report.json).", ""]
-    return "\n".join(lines)
+    """``index.md``: the tables and the figures, as markdown."""
+    return "\n\n".join(_md_block(b) for b in _page(report)) + "\n"
+
+
+STYLE = """\
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;
+color:#1f2328;max-width:1200px;margin:2em auto;padding:0 1.2em}
+h1{font-size:1.9em;margin:0 0 .4em;padding-bottom:.2em;border-bottom:1px solid #d8dee4}
+h2{font-size:1.35em;margin:1.8em 0 .5em;padding-bottom:.15em;border-bottom:1px solid #e5e8eb}
+h3{font-size:1.05em;margin:1.2em 0 .4em}
+code{font:.88em ui-monospace,SFMono-Regular,Menlo,Consolas,"DejaVu Sans Mono",monospace;
+background:#eff1f3;padding:.1em .35em;border-radius:4px}
+.table{overflow-x:auto;margin:.6em 0}
+table{border-collapse:collapse;font-size:.9em}
+th,td{border:1px solid #d0d7de;padding:4px 10px;text-align:left}
+td{white-space:nowrap}
+th{background:#f3f5f7;font-weight:600;vertical-align:bottom}
+tbody tr:nth-child(even){background:#f9fafb}
+tr.diverged td{background:#ffebe9;color:#82071e}
+.num{text-align:right;font-variant-numeric:tabular-nums}
+figure{margin:.4em 0 1.4em}
+img{max-width:100%;height:auto;border:1px solid #e5e8eb}
+hr{border:0;border-top:1px solid #d8dee4;margin:2em 0 1em}
+a{color:#0969da}"""
+
+
+def _html_text(spans: list[Span]) -> str:
+    e = html.escape
+    out = []
+    for s in spans:
+        if isinstance(s, str):
+            out.append(e(s))
+        elif s[0] == "em":
+            out.append(f"<em>{e(s[1])}</em>")
+        elif s[0] == "code":
+            out.append(f"<code>{e(s[1])}</code>")
+        else:  # link
+            out.append(f'<a href="{e(s[2])}">{e(s[1])}</a>')
+    return "".join(out)
+
+
+def _html_block(block: tuple) -> str:
+    e, kind = html.escape, block[0]
+    if kind == "h":
+        return f"<h{block[1]}>{_html_text(block[2])}</h{block[1]}>"
+    if kind == "p":
+        return f"<p>{_html_text(block[1])}</p>"
+    if kind == "ul":
+        return "<ul>\n" + "\n".join(f"<li>{_html_text(i)}</li>" for i in block[1]) + "\n</ul>"
+    if kind == "table":
+        header, cells = block[1], block[2]
+        cls = ["" if h in TEXT_COLUMNS else ' class="num"' for h in header]
+        head = "".join(f"<th{c}>{e(h)}</th>" for h, c in zip(header, cls))
+        status = header.index("status") if "status" in header else None
+        rows = []
+        for row in cells:
+            diverged = (row[status] == "diverged") if status is not None else row[header.index("diverged")] not in ("0", "-")  # fmt: skip
+            tr = '<tr class="diverged">' if diverged else "<tr>"
+            rows.append(tr + "".join(f"<td{c}>{e(v)}</td>" for v, c in zip(row, cls)) + "</tr>")
+        body = "\n".join(rows)
+        return f'<div class="table"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table></div>'  # fmt: skip
+    if kind == "img":
+        alt, src = e(block[1]), e(block[2])
+        return f'<figure><a href="{src}"><img src="{src}" alt="{alt}" title="{alt}"></a></figure>'
+    return "<hr>"
 
 
 def render_html(report: dict[str, Any]) -> str:
-    """``index.html``: the same page as ``index.md``, self-contained apart from the PNGs."""
-    e = html.escape
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>Training report</title>",
-        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:2px 6px}"
-        "th{background:#f0f0f0}img{max-width:100%}</style></head><body>",
-        "<h1>Training report</h1>",
-    ]
-    parts += [f"<p>{e(line).replace('`', '')}</p>" for line in _header_lines(report)]
-    parts += ["<h2>Summary</h2>", _html_table(*summary_table(report["runs"]))]
-    parts += ["<h2>By variant and learning rate</h2>", "<p>Mean ± sample std over the runs (seeds) of each variant and LR.</p>"]  # fmt: skip
-    parts.append(_html_table(*variant_table(report["variants"])))
-    parts.append("<h2>Diverged runs</h2>")
-    div = [r for r in report["runs"] if r["status"] == "diverged"]
-    items = "".join(
-        f"<li><code>{e(r['run'])}</code>: {e(r['message'] or 'diverged')}</li>" for r in div
+    """``index.html``: the same page as ``index.md``, rendered; one file (inline style, no
+    script, fonts or other requests) that shows the PNGs beside it, offline."""
+    head = (
+        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>Training report</title>\n<style>\n{STYLE}\n</style>\n</head>\n<body>"
     )
-    parts.append(f"<ul>{items}</ul>" if div else "<p>None.</p>")
-    for kind, title, text in _SECTIONS:
-        figs = [f for f in report["figures"] if f["kind"] == kind]
-        if not figs:
-            continue
-        parts += [f"<h2>{e(title)}</h2>", f"<p>{e(text)}</p>"]
-        for f in figs:
-            parts += [f"<h3>{e(f['group'])}</h3>", f"<a href='{e(f['file'])}'><img src='{e(f['file'])}' alt='{e(kind)}'></a>"]  # fmt: skip
-    if report["warnings"]:
-        parts += (
-            ["<h2>Warnings</h2><ul>"] + [f"<li>{e(w)}</li>" for w in report["warnings"]] + ["</ul>"]
-        )
-    parts.append(
-        "<hr><p>Data: <a href='summary.csv'>summary.csv</a>, <a href='report.json'>report.json</a>.</p>"
-    )
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+    body = "\n".join(_html_block(b) for b in _page(report))
+    return f"{head}\n{body}\n</body>\n</html>\n"
