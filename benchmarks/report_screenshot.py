@@ -1,7 +1,7 @@
 """The report page in a real browser: tiny real runs, ``surgeon report``, a headless Chromium
 screenshot of ``index.html``.
 
-    python benchmarks/report_screenshot.py                  # about 1.5 min on 2 CPU cores
+    python benchmarks/report_screenshot.py                  # 4.5 min on 2 busy CPU cores
     python benchmarks/report_screenshot.py --runs DIR       # reuse runs, skip the training
 
 Trains the ``quick`` recipe (plain, batch norm, layer-wise shift+scale) for 2 epochs on 300
