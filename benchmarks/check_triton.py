@@ -107,10 +107,12 @@ def check(
     quick: bool = False,
     shard: tuple[int, int] = (0, 1),
     verbose: bool = True,
+    progress=None,
 ) -> dict:
     """Compare the Triton path with the PyTorch path and fp64 for every case; ``shard=(i, n)``
     takes every n-th mode pair from the i-th. Returns ``{"passed", "cases", "failures",
-    "worst", "wall_s"}`` (``worst``: the largest relative error per backend, output, dtype)."""
+    "worst", "wall_s"}`` (``worst``: the largest relative error per backend, output, dtype).
+    ``progress(result)`` is called with the result so far after each layout."""
     torch.manual_seed(0)
     pairs = mode_pairs(quick)[shard[0] :: shard[1]]
     cases = layouts(big)
@@ -172,6 +174,8 @@ def check(
         if got[0].dtype != x.dtype or got[0].stride() != x.stride():
             fail(f"{case}: output dtype/layout")
         n += 1
+        if progress is not None and (sh, sc, relu, dt) == (*pairs[-1], True, torch.bfloat16):
+            progress(result(n, failures, worst, t0, big, pairs, cases, done=False))
     op.BACKEND = "auto"
     wall = time.perf_counter() - t0
     if verbose:
@@ -179,12 +183,18 @@ def check(
         for key in sorted(worst):
             print(f"  {key[0]:6s} {key[1]:20s} {worst[key]:.2e}")
         print("PASS" if not failures else f"FAIL ({len(failures)})")
+    return result(n, failures, worst, t0, big, pairs, cases, done=True)
+
+
+def result(n, failures, worst, t0, big, pairs, cases, done: bool) -> dict:
+    """``check``'s result; ``done`` false: a partial one (``passed`` false until done)."""
     return {
-        "passed": not failures,
+        "passed": done and not failures,
+        "done": done,
         "cases": n,
-        "failures": failures,
+        "failures": list(failures),
         "worst": {f"{b} {w}": e for (b, w), e in sorted(worst.items())},
-        "wall_s": round(wall, 2),
+        "wall_s": round(time.perf_counter() - t0, 2),
         "big": big,
         "pairs": [f"{s}/{c}" for s, c in pairs],
         "layouts": [c[0] for c in cases],
@@ -265,7 +275,10 @@ def parallel_check(
         worker_exit_codes=codes,
         workers_cut_by_timeout=cut,
         workers_without_results=missing,
-        complete=not cut and not missing and len(parts) == workers * (1 if quick or not big else 2),
+        complete=not cut
+        and not missing
+        and len(parts) == workers * (1 if quick or not big else 2)
+        and all(p.get("done", True) for p in parts),
         wall_s=round(time.perf_counter() - t0, 2),
         device=device,
         quick=quick,
@@ -343,10 +356,14 @@ def main() -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
 
-    results.append(check(args.device, big=False, quick=args.quick, shard=shard))
+    def partial(r: dict) -> None:  # a killed worker leaves what it checked
+        if args.json:
+            Path(args.json).write_text(json.dumps([*results, r], indent=1) + "\n")
+
+    results.append(check(args.device, False, args.quick, shard, progress=partial))
     save()
     if args.device == "cuda" and not args.quick and not args.no_big:
-        results.append(check(args.device, big=True, shard=shard))
+        results.append(check(args.device, big=True, shard=shard, progress=partial))
         save()
     if args.device == "cuda" and not args.quick and not args.no_micro:
         micro(args.device)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import gc
 import json
 import math
 import os
@@ -242,7 +243,7 @@ def section_triton(ctx: Context) -> dict:
     checks = []
     has_triton = fused_op._triton() is not None
     if ctx.cuda and has_triton:
-        timeout = min(s.triton_timeout_s, max(20.0, 0.4 * ctx.left()))
+        timeout = min(s.triton_timeout_s, max(20.0, 0.45 * ctx.left()))
         ctx.part(
             res,
             "correctness",
@@ -360,6 +361,7 @@ def one_process_group(device: torch.device) -> Iterator[dict]:
         info = distributed.init(device.type)
         yield {"backend": dist.get_backend(), "world_size": info.world_size, "ddp": info.enabled}
     finally:
+        gc.collect()  # the DDP wrappers hold the group: let them go first
         if dist.is_initialized():
             dist.destroy_process_group()
         for k, v in saved.items():
@@ -480,6 +482,8 @@ def section_real_run(ctx: Context) -> dict:
             "images_per_s": [r["images_per_s"] for r in epochs],
             "ss_lr_mult": cfg.ss_lr_mult, "wall_s": round(last_s, 1),
         }  # fmt: skip
+        accs = " ".join(f"{r['val_acc']:.3f}" for r in epochs)
+        print(f"  real_run.{name}: {summary['status']}, val acc {accs} ({last_s:.1f} s)")
         ctx.save_partial(res)
     res["checks"] = [
         check(f"{name}: final val acc", (r.get("val_acc") or [None])[-1], None, True)
@@ -513,6 +517,8 @@ def section_large_models(ctx: Context) -> dict:
         last_s = time.monotonic() - t0
         r["wall_s"] = round(last_s, 1)
         res["models"][recipe] = r
+        rates = " ".join(f"{k} {v:.0f}" for k, v in r.get("images_per_s", {}).items())
+        print(f"  large_models.{recipe}: {r.get('error') or rates} images/s ({last_s:.1f} s)")
         for variant, ratio in r.get("ratio_vs_plain", {}).items():
             if variant != "plain":
                 short = recipe.removeprefix("large-c100-")
