@@ -363,8 +363,8 @@ def load(
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise SurgeonError(f"{folder} has no {WEIGHTS_FILE}", hint="re-save the model")
-    read_header(weights)  # a damaged file fails here, before anything is built
-    model = _rebuild_on_meta(rec)
+    header = read_header(weights)  # a damaged file fails here, before anything is built
+    model = _rebuild_on_meta(rec, set(header))
     if model is None:
         model = rebuild(rec)
         read_weights(model, weights)
@@ -382,10 +382,11 @@ def _migrate(rec: SurgeryRecord, meta: dict[str, Any]) -> None:
         rec.source["args"] = {"final_relu": False, **(rec.source.get("args") or {})}
 
 
-def _rebuild_on_meta(rec: SurgeryRecord) -> nn.Module | None:
+def _rebuild_on_meta(rec: SurgeryRecord, saved: set[str]) -> nn.Module | None:
     """The model rebuilt with no memory for its weights, or None where that cannot work:
-    the rebuild needs real tensors, or a buffer outside the state dict (computed in
-    ``__init__``, like timm's relative position indices) would stay empty."""
+    the rebuild needs real tensors, a buffer outside the state dict (computed in
+    ``__init__``, like timm's relative position indices) would stay empty, or the file
+    stored a tied tensor once (ties between meta tensors cannot be seen)."""
     try:
         with torch.device("meta"):
             model = rebuild(rec)
@@ -394,4 +395,4 @@ def _rebuild_on_meta(rec: SurgeryRecord) -> nn.Module | None:
     persistent = set(model.state_dict())
     if any(b.is_meta and n not in persistent for n, b in model.named_buffers()):
         return None
-    return model
+    return model if persistent <= saved else None

@@ -259,7 +259,7 @@ def bad_input_cases(models_dir: Path, tmp_path: Path) -> dict[str, tuple[list[st
 
 CASES = [
     "missing file", "syntax error", "import error", "no model", "two models",
-    "missing attribute", "unknown timm", "unknown torchvision", "unknown spec", "bare timm name", "untraceable",
+    "missing attribute", "factory fails", "unknown timm", "unknown torchvision", "unknown spec", "bare timm name", "untraceable",
     "untraceable, fallback reaches nothing",
     "invalid shift", "invalid scale", "bad model arg", "unknown model arg", "bad input size",
     "wrong input size", "unknown leaf", "output not a model folder",
