@@ -553,7 +553,8 @@ def compare_sites(path: Path, reference: Path) -> dict:
             )
     times = sorted(float(r["time_s"]) for r in rows if r.get("time_s"))
     return {
-        "compared": str(path.relative_to(ROOT)), "reference": str(reference.relative_to(ROOT)),
+        "compared": path.resolve().relative_to(ROOT).as_posix(),
+        "reference": reference.resolve().relative_to(ROOT).as_posix(),
         "models": len(rows), "same_method_and_sites": len(same), "different": differ,
         "not_in_reference": missing,
         "insert_s": {"median": statistics.median(times), "p95": _p95(times), "max": times[-1]}
