@@ -25,6 +25,7 @@ from .errors import SurgeonError
 from .models.sources import build_model
 from .record import FORMAT, FORMAT_VERSION, SurgeryRecord, replay
 from .rundir import CODE_FILE, RECORD_FILE, WEIGHTS_FILE
+from .rundir import follow_umask as follow_umask  # one umask rule for every file
 from .rundir import write_json_atomic as write_json_atomic  # the one atomic JSON writer
 from .trust import check_record, check_source, portable_spec
 
@@ -39,18 +40,6 @@ def versions() -> dict[str, str]:
             pass
     out["fx-surgeon"] = __version__
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def follow_umask(path: str | Path, folder: bool = False) -> None:
-    """Give a file made by ``mkstemp`` (0600) or a folder made by ``mkdtemp`` (0700) the
-    permissions a plain ``open``/``mkdir`` would: 0666 or 0777 less the umask."""
-    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
 def record_of(model: nn.Module) -> SurgeryRecord:
