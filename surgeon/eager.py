@@ -13,15 +13,13 @@ module runs after it.
 from __future__ import annotations
 
 import inspect
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from . import module_sites, shapes
-from .errors import SurgeryError
 from .observer import Call, Observer
 from .sites import InputSite, Site
 from .tracing import deepcopy_module
@@ -36,29 +34,6 @@ class Observed(NamedTuple):
     unreached: list[dict]
 
 
-def _run_meta(model: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
-    from torch.nn.utils.stateless import _reparametrize_module
-
-    tensors = dict(model.named_parameters(remove_duplicate=False))
-    tensors.update(model.named_buffers(remove_duplicate=False))
-    meta = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
-    with _reparametrize_module(model, meta):
-        model(*(t.to("meta") for t in inputs))
-
-
-def _run_fake(model: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with fake_mode:
-        model(*(fake_mode.from_tensor(t) for t in inputs))
-
-
-def _run_real(model: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model(*(t.to(device) for t in inputs))
-
-
 def _first_param(model: nn.Module) -> str:
     try:
         params = list(inspect.signature(model.forward).parameters)
@@ -68,30 +43,10 @@ def _first_param(model: nn.Module) -> str:
 
 
 def _observe(model: nn.Module, inputs: Sequence[torch.Tensor], obs: Observer) -> None:
-    attempts: list[Callable] = [_run_meta, _run_fake]
-    if sum(p.numel() for p in model.parameters()) <= shapes.REAL_FORWARD_MAX_PARAMS:
-        attempts.append(_run_real)
-    was = model.training
-    model.eval()
-    errors: list[BaseException] = []
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for attempt in attempts:
-                obs.reset()
-                try:
-                    attempt(model, inputs)
-                    return
-                except Exception as exc:  # no meta/fake kernel, data-dependent branch: next way
-                    errors.append(exc)
-    finally:
-        model.train(was)
-    exc = errors[-1]
-    text = str(exc).strip()
-    raise SurgeryError(
-        f"eager shape run failed: {text.splitlines()[0] if text else type(exc).__name__}",
-        hint="check --input-size (C,H,W) matches what the model expects",
-    ) from exc
+    """One forward run of ``model`` watched by ``obs``: on meta, fake or real tensors."""
+    shapes.first_that_runs(
+        model, inputs, lambda m, xs, kind: m(*xs), "eager shape run", before_each=obs.reset
+    )
 
 
 def analyse_eager(

@@ -191,20 +191,23 @@ def _eval_mode(gm: fx.GraphModule):
         gm.train(was_training)
 
 
-def _on_meta(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
+Run = Callable[[torch.nn.Module, Sequence[torch.Tensor], str], None]
+
+
+def _on_meta(module: torch.nn.Module, inputs: Sequence[torch.Tensor], run: Run) -> None:
     from torch.nn.utils.stateless import _reparametrize_module
 
-    tensors = dict(gm.named_parameters(remove_duplicate=False))
-    tensors.update(gm.named_buffers(remove_duplicate=False))
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
     swap = nullcontext()  # a model built on meta: nothing to swap
     if not all(t.is_meta for t in tensors.values()):
         meta = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
-        swap = _reparametrize_module(gm, meta)
-    with _eval_mode(gm), swap:
-        _ShapeRecorder(gm, rules=_fx_fast.on("rules")).run(*(t.to("meta") for t in inputs))
+        swap = _reparametrize_module(module, meta)
+    with _eval_mode(module), swap:
+        run(module, [t.to("meta") for t in inputs], "meta")
 
 
-def _on_fake(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
+def _on_fake(module: torch.nn.Module, inputs: Sequence[torch.Tensor], run: Run) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -212,37 +215,57 @@ def _on_fake(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
     level = log.level
     log.setLevel(logging.CRITICAL)
     try:
-        with _eval_mode(gm), fake_mode:
-            _ShapeRecorder(gm).run(*(fake_mode.from_tensor(t) for t in inputs))
+        with _eval_mode(module), fake_mode:
+            run(module, [fake_mode.from_tensor(t) for t in inputs], "fake")
     finally:
         log.setLevel(level)
 
 
-def _on_real(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
-    tensors = list(gm.parameters()) + list(gm.buffers())
+def _on_real(module: torch.nn.Module, inputs: Sequence[torch.Tensor], run: Run) -> None:
+    tensors = list(module.parameters()) + list(module.buffers())
     devices = {t.device for t in tensors}
     device = devices.pop() if len(devices) == 1 else torch.device("cpu")
-    with _eval_mode(gm):
-        _ShapeRecorder(gm).run(*(t.to(device) for t in inputs))
+    with _eval_mode(module):
+        run(module, [t.to(device) for t in inputs], "real")
+
+
+def first_that_runs(
+    module: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    run: Run,
+    what: str,
+    before_each: Callable[[], None] | None = None,
+) -> None:
+    """``run(module, inputs, kind)`` on meta tensors, else fake tensors, else (below
+    ``REAL_FORWARD_MAX_PARAMS`` parameters) real ones, in eval mode without grad; the last
+    failure as one error line ``{what} failed ...``."""
+    attempts: list[Callable] = [_on_meta, _on_fake]
+    if sum(p.numel() for p in module.parameters()) <= REAL_FORWARD_MAX_PARAMS:
+        attempts.append(_on_real)
+    errors: list[BaseException] = []
+    for attempt in attempts:
+        if before_each is not None:
+            before_each()
+        try:
+            attempt(module, inputs, run)
+            return
+        except Exception as exc:  # an op without a meta/fake kernel, a data-dependent branch
+            errors.append(exc)
+    exc = errors[-1]
+    line = _first_line(exc)
+    raise SurgeryError(
+        f"{what} failed{' ' if line.startswith('at node') else ': '}{line}",
+        hint="check --input-size (C,H,W) matches what the model expects",
+    ) from exc
 
 
 def propagate(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
     """Fill ``node.meta['tensor_meta']`` for every node: meta, then fake, then real tensors."""
-    attempts: list[Callable] = [_on_meta, _on_fake]
-    if sum(p.numel() for p in gm.parameters()) <= REAL_FORWARD_MAX_PARAMS:
-        attempts.append(_on_real)
-    errors: list[BaseException] = []
-    for attempt in attempts:
-        try:
-            attempt(gm, example_inputs)
-            return
-        except Exception as exc:  # an op without a meta/fake kernel: try the next way
-            errors.append(exc)
-    exc = errors[-1]
-    raise SurgeryError(
-        f"shape propagation failed {_first_line(exc)}",
-        hint="check --input-size (C,H,W) matches what the model expects",
-    ) from exc
+
+    def run(module: fx.GraphModule, inputs: Sequence[torch.Tensor], kind: str) -> None:
+        _ShapeRecorder(module, rules=kind == "meta" and _fx_fast.on("rules")).run(*inputs)
+
+    first_that_runs(gm, example_inputs, run, "shape propagation")
 
 
 def _target_name(node: fx.Node) -> str:
