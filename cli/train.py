@@ -67,6 +67,56 @@ def train_command(
     workers: Annotated[
         int, Opt(help="concurrent runs on CPU", metavar="N", rich_help_panel=LAUNCH)
     ] = 1,
+    backend: Annotated[
+        str,
+        Opt(
+            help="local (this machine) or ray (a Ray cluster; pip install fx-surgeon[ray])",
+            metavar="NAME",
+            rich_help_panel=LAUNCH,
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        Opt(
+            help="--backend ray: the cluster to join (default: RAY_ADDRESS, or a local one)",
+            metavar="ADDR",
+            rich_help_panel=LAUNCH,
+        ),
+    ] = None,
+    gpus_per_run: Annotated[
+        float,
+        Opt(
+            help="--backend ray: GPUs per run (0.5: two runs per GPU)",
+            metavar="N",
+            rich_help_panel=LAUNCH,
+        ),
+    ] = 0.0,
+    cpus_per_run: Annotated[
+        float,
+        Opt(help="--backend ray: CPU cores (threads) per run", metavar="N", rich_help_panel=LAUNCH),
+    ] = 1.0,
+    nnodes: Annotated[
+        int,
+        Opt(
+            help="--nproc: nodes of one DDP run (torchrun, c10d rendezvous)",
+            metavar="N",
+            rich_help_panel=LAUNCH,
+        ),
+    ] = 1,
+    node_rank: Annotated[
+        int,
+        Opt(
+            help="--nnodes: this node's rank (0 for the first)", metavar="N", rich_help_panel=LAUNCH
+        ),
+    ] = 0,
+    rdzv_endpoint: Annotated[
+        str | None,
+        Opt(
+            help="--nnodes: HOST:PORT of the rendezvous, the same on every node",
+            metavar="HOST:PORT",
+            rich_help_panel=LAUNCH,
+        ),
+    ] = None,
     out: Annotated[Path, Opt(help="folder for runs", metavar="DIR", rich_help_panel=LAUNCH)] = Path(
         "runs"
     ),
@@ -105,8 +155,10 @@ def train_command(
     dist = distributed.env_info()
     if dist.launched and dist.rank != 0:
         console.quiet = True  # only rank 0 prints
-    if nproc > 1 or _given(ctx, "nproc"):  # --nproc 1 too: DDP at world size 1
-        if recipe is not None or gpus or workers > 1:
+    if backend not in ("local", "ray"):
+        raise TrainError(f"invalid --backend {backend!r}", hint="choose local or ray")
+    if nproc > 1 or _given(ctx, "nproc") or nnodes > 1:  # --nproc 1 too: DDP at world size 1
+        if recipe is not None or gpus or workers > 1 or backend != "local":
             raise TrainError(
                 "--nproc runs one run on several processes; not with --recipe, --gpus or --workers",
                 hint="launch one run at a time",
@@ -115,8 +167,10 @@ def train_command(
             raise TrainError(
                 "--nproc given inside a torchrun process", hint="use either torchrun or --nproc"
             )
+        skip = {"nproc", "nnodes", "node_rank", "rdzv_endpoint"}
+        nodes = distributed.nodes_args(nnodes, node_rank, rdzv_endpoint)
         raise typer.Exit(
-            distributed.launch(nproc, [ctx.info_name, *given_argv(ctx, skip={"nproc"})])
+            distributed.launch(nproc, [ctx.info_name, *given_argv(ctx, skip=skip)], nodes=nodes)
         )
     from surgeon.train.engine import RunInterrupted
 
@@ -133,6 +187,9 @@ def train_command(
             quiet,
             dry_run,
             overrides,
+            ray={"address": ray_address, "gpus_per_run": gpus_per_run, "cpus_per_run": cpus_per_run}
+            if backend == "ray"
+            else None,
         )
     except RunInterrupted as exc:
         if exc.resumable:
@@ -217,6 +274,7 @@ def _train(
     quiet: bool,
     dry_run: bool,
     overrides: dict[str, Any],
+    ray: dict[str, Any] | None = None,
 ) -> int:
     """Run what the command asks; returns the exit code (3: a single run diverged)."""
     from surgeon.train import load_recipe, resume, run_configs
@@ -266,8 +324,29 @@ def _train(
     if dry_run:
         _print_plan(configs, folder)
         return 0
+    if ray is not None and (gpus or workers > 1):
+        raise TrainError(
+            "--gpus and --workers are the local queue's; --backend ray places runs itself",
+            hint="use --gpus-per-run with --backend ray",
+        )
+    if ray is not None:
+        from surgeon.train.ray_backend import require_ray
+
+        require_ray()  # one line before anything else when Ray is missing
     _preflight(configs, folder)
-    if gpus or workers > 1:
+    if ray is not None:
+        from surgeon.train.ray_backend import GridInterrupted, run_ray
+
+        try:
+            results = run_ray(configs, folder, recipe_name=recipe_name, on_done=_done_line, **ray)
+        except GridInterrupted as exc:
+            print(
+                f"interrupted: {exc.cancelled} Ray task(s) cancelled, {exc.done} run(s) finished; "
+                f"their rows are in {folder / rundir.RESULTS_FILE}",
+                file=sys.stderr,
+            )
+            return 130
+    elif gpus or workers > 1:
         from surgeon.train.queue import run_parallel, slots
 
         gpu_ids = [int(g) for g in gpus.split(",")] if gpus else None

@@ -80,12 +80,43 @@ def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+RDZV_ID = "fx-surgeon"  # torchrun's job id: the same on every node of one run
+
+
+def nodes_args(nnodes: int, node_rank: int, rdzv_endpoint: str | None) -> list[str]:
+    """torchrun's flags for one run over ``nnodes`` nodes (c10d rendezvous at
+    ``rdzv_endpoint``); ``["--standalone"]`` for one node."""
+    from ..errors import TrainError
+
+    if nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise TrainError(
+            f"--node-rank {node_rank} is not in [0, {nnodes}) for --nnodes {nnodes}",
+            hint="number the nodes 0 .. nnodes-1",
+        )
+    if nnodes == 1:
+        if rdzv_endpoint:
+            raise TrainError("--rdzv-endpoint needs --nnodes > 1", hint="drop --rdzv-endpoint")
+        return ["--standalone"]
+    host, _, port = (rdzv_endpoint or "").rpartition(":")
+    if not host or not port.isdigit():
+        raise TrainError(
+            f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, got {rdzv_endpoint!r}",
+            hint="the address of node 0 and a free port, the same on every node",
+        )
+    return [
+        "--nnodes", str(nnodes), "--node-rank", str(node_rank), "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", os.environ.get("SURGEON_RDZV_ID", RDZV_ID),
+    ]  # fmt: skip
+
+
+def launch(nproc: int, argv: list[str], nodes: list[str] | None = None) -> int:
     """Run ``python -m surgeon <argv>`` under ``torch.distributed.run`` with ``nproc`` processes
-    on this node; returns torchrun's exit code."""
+    on this node (``nodes``: the flags of :func:`nodes_args`, one node by default); returns
+    torchrun's exit code."""
     from torch.distributed import run as torchrun
 
-    args = ["--nproc-per-node", str(nproc), "--standalone", "-m", "surgeon", *argv]
+    nodes = nodes or ["--standalone"]
+    args = ["--nproc-per-node", str(nproc), *nodes, "-m", "surgeon", *argv]
     old = sys.argv
     try:
         torchrun.main(args)
