@@ -19,6 +19,8 @@ PRECISIONS = ("fp32", "bf16")
 NORMS = ("none", "batchnorm")
 DECAY_TARGETS = ("identity", "zero")
 DEVICES = ("auto", "cpu", "cuda")
+PLACEMENTS = ("activations", "ssf")
+TRAIN_PARTS = ("ss", "head", "norm", "bias")
 WINDOW = 200  # online learning: samples in the windowed prequential accuracy
 
 # the JSON values each field type accepts (bool is an int in Python: refused where not named)
@@ -135,6 +137,22 @@ class TrainConfig:
     pretrained: bool = _opt(
         False, "timm/torchvision pretrained weights (downloads)", VARIANT, flag="--pretrained"
     )
+    init_from: str | None = _opt(
+        None, "the base model's weights from a local .safetensors file or saved folder "
+        "(see docs/finetune.md)", VARIANT, metavar="PATH",
+    )  # fmt: skip
+    train_only: str = _opt(
+        "", "train only these parts, a comma list of ss, head, norm, bias (default: all)",
+        VARIANT, metavar="PARTS",
+    )  # fmt: skip
+    placement: str = _opt(
+        "activations", "where the shift/scale sites go: activations (the thesis's) or ssf "
+        "(after every linear, conv and norm layer but the classifier)", VARIANT, metavar="WHERE",
+    )  # fmt: skip
+    ssf_init_std: float = _opt(
+        0.0, "init of the inserted layers: 0 = identity; else scale ~ N(1, std), "
+        "shift ~ N(0, std) as in SSF", VARIANT, metavar="STD",
+    )  # fmt: skip
     tensorboard: bool = _opt(
         False, "also write TensorBoard event files (needs tensorboard)", RUN, flag="--tensorboard"
     )
@@ -189,10 +207,35 @@ class TrainConfig:
                 "learning-rate multipliers and weight decays must be >= 0",
                 hint="check --ss-lr-mult, --ss-wd, --wd",
             )
+        self._check_finetune()
         self.variant = variant_name(self.norm, self.shift, self.scale)
         if not self.name:
             self.name = check_name(
                 run_name(self.variant, self.lr, self.seed), "run name", TrainError
+            )
+
+    def _check_finetune(self) -> None:
+        """``train_only``, ``placement``, ``ssf_init_std``, ``init_from`` (docs/finetune.md)."""
+        parts = [p.strip() for p in self.train_only.split(",") if p.strip()]
+        bad = [p for p in parts if p not in TRAIN_PARTS]
+        if bad:
+            raise TrainError(
+                f"invalid --train-only part(s) {', '.join(bad)}",
+                hint=f"a comma list of {', '.join(TRAIN_PARTS)} (empty: everything trains)",
+            )
+        if self.placement not in PLACEMENTS:
+            raise TrainError(
+                f"invalid --placement {self.placement!r}",
+                hint=f"choose one of {', '.join(PLACEMENTS)}",
+            )
+        if self.ssf_init_std < 0:
+            raise TrainError(
+                f"--ssf-init-std must be >= 0, got {self.ssf_init_std}", hint="0 is the identity"
+            )
+        if self.init_from is not None and self.pretrained:
+            raise TrainError(
+                "--init-from and --pretrained both give the base weights",
+                hint="keep one of them",
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from ..data import ImageData, Loader, load_data
 from ..errors import TrainError
 from ..io import write_model_files
 from ..layers import ShiftScale
-from . import distributed
+from . import distributed, parts
 from .checkpoint import Found, check_checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .optim import build_optimizer, decay_to_identity, lr_factor, set_lr
@@ -186,6 +186,7 @@ class Trainer:
         if cuda and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.opt = build_optimizer(self.model, cfg)
+        self._finetune_setup(base)
         net: nn.Module = self.model
         if self.dist.enabled:
             if cfg.sync_bn:
@@ -574,6 +575,7 @@ class Trainer:
                 self.reporter.epoch(row)
             if self.main:
                 write_model_files(self.model, self.out, {"run": cfg.name})
+                self._write_adapter()
         except _Diverged as exc:
             status = "diverged"
             kept = self._restore_last_good(exc.step) if self.main else "the last good weights"
@@ -593,10 +595,66 @@ class Trainer:
             "final_val_err": st.final_val_err, "best_val_err": st.best_val_err, "best_epoch": st.best_epoch,
             "epochs_run": st.epoch, "steps": st.step, "diverged_at_step": diverged_at, "message": message,
         }  # fmt: skip
+        summary.update(self.trainable)
         if self.main:
             rundir.write_summary(self.out, summary)
         distributed.barrier(self.dist)
         return summary
+
+    # ---------------------------------------------------------------- fine-tuning
+
+    def _finetune_setup(self, base: nn.Module) -> None:
+        """Trainable counts (printed with ``--train-only``/``--init-from``, always in the
+        summary) and the state-dict names an adapter of this run must hold."""
+        cfg = self.cfg
+        self.trainable = parts.counts(self.model)
+        loaded, notes = getattr(base, "_surgeon_init_from", (None, []))
+        if cfg.init_from is not None and loaded is None:  # a base built elsewhere
+            raise TrainError(
+                "--init-from needs the base model built by surgeon.train.build_base",
+                hint="pass base=build_base(cfg, ...) or no base",
+            )
+        self.notices += notes
+        # from the base file: the loaded tensors; without one: the base's seeded init
+        self._base_keys = set(loaded) if loaded is not None else set(base.state_dict())
+        if cfg.train_only or cfg.init_from is not None:
+            t = self.trainable
+            self.notices.append(
+                f"trainable: {t['trainable_params']:,} of {t['total_params']:,} parameters "
+                f"({100 * t['trainable_fraction']:.2f}%; --train-only {cfg.train_only or 'all'})"
+            )
+
+    def _adapter_names(self) -> list[str]:
+        """The trained parameters, every tensor not from the base (inserted modules, a
+        re-initialised head) and the running statistics of batch norms that trained."""
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        state = self.model.state_dict()
+        names |= {k for k in state if k not in self._base_keys}
+        if "norm" in parts.parse_parts(self.cfg.train_only):
+            for mname, m in self.model.named_modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    names |= {f"{mname}.{b}" for b, _ in m.named_buffers(recurse=False)}
+        return [k for k in state if k in names]
+
+    def _write_adapter(self) -> None:
+        """``--train-only``: ``adapter.safetensors`` + ``adapter.json`` in the run folder,
+        naming the ``--init-from`` file as the base (docs/finetune.md)."""
+        if not self.cfg.train_only:
+            return
+        from ..adapters import ADAPTER_RECORD, save_adapter
+        from .init_from import weights_file
+
+        base = weights_file(self.cfg.init_from) if self.cfg.init_from is not None else None
+        record = self.out / ADAPTER_RECORD
+        created = not record.exists()
+        if created:  # save_adapter writes into a folder that is empty or an adapter's
+            record.write_text("{}")
+        try:
+            save_adapter(self.model, self.out, names=self._adapter_names(), base_weights=base)
+        except BaseException:
+            if created:
+                record.unlink(missing_ok=True)
+            raise
 
     def _restore_last_good(self, diverged_at: int) -> str:
         """After divergence the run folder's model is the last good checkpoint's weights;

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..layers import ShiftScale
 from .config import TrainConfig
+from .parts import freeze, parse_parts
 
 
 def split_params(
@@ -31,14 +32,27 @@ def split_params(
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     """SGD over two groups: weights (lr, wd) and shift/scale (lr * ss_lr_mult, ss_wd).
 
+    With ``cfg.train_only`` (see :mod:`surgeon.train.parts`) only the chosen parameters
+    train: the others get ``requires_grad=False`` and no place in any group.
+
     With ``ss_decay_to="identity"`` the shift/scale weight decay pulls scales to 1 and shifts
     to 0 (applied by :func:`decay_to_identity` before each step), so the group's own
     ``weight_decay`` is 0; with ``"zero"`` it is plain SGD weight decay.
     """
+    parts = parse_parts(getattr(cfg, "train_only", ""))
+    if parts:  # the frozen parameters get no group and no momentum buffer
+        freeze(model, parts)
     weights, shifts, scales = split_params(model)
-    groups = [
-        {"params": weights, "lr": cfg.lr, "weight_decay": cfg.wd, "name": "weights", "lr_mult": 1.0}
-    ]
+    if parts:
+        weights, shifts, scales = (
+            [p for p in ps if p.requires_grad] for ps in (weights, shifts, scales)
+        )
+    groups = []
+    if weights or not parts:
+        groups.append(
+            {"params": weights, "lr": cfg.lr, "weight_decay": cfg.wd, "name": "weights",
+             "lr_mult": 1.0}
+        )  # fmt: skip
     ss = shifts + scales
     if ss:
         wd = cfg.ss_wd if cfg.ss_decay_to == "zero" else 0.0

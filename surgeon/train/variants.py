@@ -17,6 +17,7 @@ from ..errors import TrainError
 from ..models import BUILTINS, build_model
 from ..passes import insert, insert_batchnorm
 from .config import TrainConfig
+from .init_from import load_base_weights
 
 
 def model_args_for(
@@ -52,7 +53,10 @@ def model_args_for(
 def build_base(cfg: TrainConfig, num_classes: int, input_size: tuple[int, ...]) -> nn.Module:
     """The base model, initialised from ``cfg.seed`` on the CPU."""
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.model, model_args_for(cfg, num_classes, input_size))
+    base = build_model(cfg.model, model_args_for(cfg, num_classes, input_size))
+    if cfg.init_from is not None:  # the names loaded and the notes, for the Trainer
+        base._surgeon_init_from = load_base_weights(base, cfg.init_from)
+    return base
 
 
 def derive(base: nn.Module, cfg: TrainConfig, input_size: tuple[int, ...]) -> fx.GraphModule:
@@ -62,4 +66,17 @@ def derive(base: nn.Module, cfg: TrainConfig, input_size: tuple[int, ...]) -> fx
     if cfg.norm == "batchnorm":
         model = insert_batchnorm(model, **opts)
     # the plain variant is traced too (shift=scale=none), so every variant is a GraphModule
+    if cfg.placement != "activations" or cfg.ssf_init_std:
+        return _insert_ssf(model, cfg, opts)
     return insert(model, cfg.shift, cfg.scale, **opts)
+
+
+def _insert_ssf(model: nn.Module, cfg: TrainConfig, opts: dict[str, Any]) -> fx.GraphModule:
+    """``insert`` with ``cfg.placement`` and ``cfg.ssf_init_std`` (a random init drawn from
+    ``cfg.seed``, apart from the global RNG)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return insert(
+            model, cfg.shift, cfg.scale, placement=cfg.placement,
+            init_std=cfg.ssf_init_std, **opts,
+        )  # fmt: skip
