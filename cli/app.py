@@ -21,6 +21,7 @@ from .inspect import inspect_params_command
 from .online import online_command
 from .report import report_command
 from .train import train_command
+from .tune import tune_command
 
 HELP = (
     "fx-surgeon: insert learned shift/scale layers into any PyTorch model, train and inspect them."
@@ -41,6 +42,7 @@ app.command("inspect-params", cls=Command)(inspect_params_command)
 app.command("report", cls=Command)(report_command)
 app.command("fold", cls=Command)(fold_command)
 app.command("online", cls=Command)(online_command)
+app.command("tune", cls=Command)(tune_command)
 
 
 def _print_version(value: bool) -> None:

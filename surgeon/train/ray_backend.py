@@ -11,6 +11,7 @@ tasks. Ray is imported only here, and only when this backend is used.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -41,7 +42,8 @@ def connect(address: str | None = None, **init_kwargs: Any) -> bool:
     ray = require_ray()
     if ray.is_initialized():
         return False
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, **init_kwargs)
+    kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+    ray.init(address=address, **(kwargs | init_kwargs))
     return True
 
 
