@@ -44,6 +44,8 @@ SNAPSHOT_RE = re.compile(r"epoch_(\d+)\.safetensors$")
 SUMMARY_FIELDS = (
     "name", "variant", "lr", "seed", "status", "final_val_err", "best_val_err", "best_epoch",
     "epochs_run", "steps", "diverged_at_step", "message",
+    # the split "best" was chosen on (val or test), test error at that epoch and at the last
+    "selected_on", "test_err_at_best", "final_test_err",
 )  # fmt: skip
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import pytest
 from surgeon_cli.app import main
@@ -48,13 +49,18 @@ def test_shipped_recipe_loads_and_expands(name):
     assert len(configs) == expected
     names = [c.name for c in configs]
     assert len(set(names)) == len(names)
-    points = {(c.variant, c.lr, c.seed) for c in configs}
+    points = {(c.variant, c.lr, c.seed, c.tag) for c in configs}
     assert len(points) == expected
     for c in configs:
-        for key, value in recipe.base.items():
-            assert getattr(c, key) == value, (c.name, key)
+        case = next((k for k in recipe.grid.get("case", []) if k["tag"] == c.tag), {})
+        for key, value in {**recipe.base, **case}.items():
+            if key != "tag":
+                assert getattr(c, key) == value, (c.name, key)
         assert parse_variant(c.variant) == {"norm": c.norm, "shift": c.shift, "scale": c.scale}
     for key, values in recipe.grid.items():
+        if key == "case":
+            assert {c.tag for c in configs} == {v["tag"] for v in values}
+            continue
         got = {c.variant if key == "variant" else getattr(c, key) for c in configs}
         assert got == set(values), key
     # by path: the same runs
@@ -80,10 +86,52 @@ def test_thesis_recipes(n, model, data, dropout):
     assert {(c.momentum, c.schedule) for c in configs} == {(0.9, "constant")}
     variants = {c.variant for c in configs}
     assert {"plain", "batchnorm"} | LAYER_COMBOS <= variants
-    if n in (1, 3, 4, 5):  # every tested combination
+    if n == 1:  # every tested combination
         assert variants == {"plain", "batchnorm"} | TESTED_COMBOS
-    if n == 2:  # layer-wise combinations only
+    else:  # layer-wise combinations only (the thesis's sets for experiments 2-6)
         assert variants == {"plain", "batchnorm"} | LAYER_COMBOS
+    # the thesis's settings: multiplier 1, no augmentation, its site rule, Springenberg's
+    # net (the built-in's default), a validation split, the dataset's class count, 3 seeds
+    assert {(c.ss_lr_mult, c.augment, c.final, c.val_size) for c in configs} == {
+        (1.0, False, "output", 5000)
+    }
+    assert {c.classes for c in configs} == {100 if data == "cifar100" else 10}
+    assert "final_relu" not in {k for c in configs for k in c.model_args}
+    assert {c.seed for c in configs} == {0, 1, 2}
+
+
+def test_variant_flags_name_the_whole_variant():
+    """--norm batchnorm under a recipe is batch norm alone; --shift layer is shift alone."""
+    recipe = load_recipe(thesis(3))
+    assert {c.variant for c in recipe.configs({"norm": "batchnorm"})} == {"batchnorm"}
+    assert {c.variant for c in recipe.configs({"shift": "layer"})} == {"shift-layer"}
+    both = recipe.configs({"norm": "batchnorm", "scale": "layer"})
+    assert {c.variant for c in both} == {"batchnorm+scale-layer"}
+
+
+def test_grid_cases_are_an_axis_with_tags(tmp_path):
+    path = tmp_path / "cases.toml"
+    path.write_text(
+        '[base]\nmodel = "mlp"\n[grid]\nvariant = ["shift-layer+scale-layer"]\n'
+        "seed = [0, 1]\n"
+        'case = [{ tag = "m1", ss_lr_mult = 1.0 }, { tag = "warm", ss_warmup_epochs = 2 }]\n'
+    )
+    configs = load_recipe(str(path)).configs()
+    assert len(configs) == 4
+    warm = [c for c in configs if c.tag == "warm"]
+    assert {c.ss_warmup_epochs for c in warm} == {2.0}
+    assert {c.name for c in warm} == {
+        "shift-layer+scale-layer_lr0.04_s0_warm",
+        "shift-layer+scale-layer_lr0.04_s1_warm",
+    }
+    for bad, needle in (
+        ("case = [{ ss_lr_mult = 1.0 }]", "a table with a tag"),
+        ('case = [{ tag = "a", nope = 1 }]', "unknown field(s) nope"),
+        ('case = [{ tag = "a" }, { tag = "a" }]', "repeated case tags"),
+    ):
+        path.write_text(f"[grid]\n{bad}\n")
+        with pytest.raises(TrainError, match=re.escape(needle)):
+            load_recipe(str(path))
 
 
 def test_quick_recipe_runs_offline_on_cpu():

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from surgeon.errors import DataError
 
+ORDERS = ("reshuffle", "fixed", "replacement")
+
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """A CPU generator whose seed is a hash of (seed, epoch): same on every device and rank."""
@@ -61,6 +63,7 @@ class Loader:
         rank: int = 0,
         world_size: int = 1,
         pad: int = 4,
+        order: str = "reshuffle",
     ) -> None:
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise DataError(
@@ -82,6 +85,8 @@ class Loader:
             )
         if min(std) <= 0:
             raise DataError(f"std must be positive, got {tuple(std)}", hint="check the dataset")
+        if order not in ORDERS:
+            raise DataError(f"unknown data order {order!r}", hint=f"use {', '.join(ORDERS)}")
         if pad < 0:
             raise DataError(f"pad must be >= 0, got {pad}", hint="use 4 for 32x32 images")
         self.device = torch.device(device)
@@ -92,6 +97,7 @@ class Loader:
         self.seed, self.epoch = seed, 0
         self.dtype, self.channels_last = dtype, channels_last
         self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.order = order  # with shuffle: reshuffle, fixed or replacement
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.scale = 1.0 / (255.0 * std_t)  # (x / 255 - mean) / std == x * scale - shift
@@ -116,7 +122,15 @@ class Loader:
         """
         n = len(self.x)
         g = epoch_generator(self.seed, self.epoch)
-        perm = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        if not self.shuffle:
+            perm = torch.arange(n)
+        elif self.order == "fixed":  # epoch 0's permutation, every epoch
+            perm = torch.randperm(n, generator=epoch_generator(self.seed, 0))
+            torch.randperm(n, generator=g)  # same augmentation draws as reshuffle
+        elif self.order == "replacement":  # n draws with replacement: no epoch boundary
+            perm = torch.randint(0, n, (n,), generator=g)
+        else:
+            perm = torch.randperm(n, generator=g)
         indices = perm[: self.num_samples * self.world_size][self.rank :: self.world_size]
         offsets = flips = None
         if self.augment:

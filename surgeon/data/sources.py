@@ -45,16 +45,25 @@ class ImageData:
     mean: tuple[float, ...]  # per channel, [0, 1] units, train split only
     std: tuple[float, ...]
     source: str  # "sample", "cifar10", "cifar100" or "folder:/abs/path"
+    # a hold-out of the training split for model selection (empty when there is none)
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+    val_seed: int | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def has_val(self) -> bool:
+        return self.val_y is not None and len(self.val_y) > 0
+
     def __repr__(self) -> str:
         shape = tuple(self.train_x.shape[1:])
         return (
             f"ImageData(source={self.source!r}, train={len(self.train_y)}, "
-            f"test={len(self.test_y)}, image={shape}, classes={self.num_classes})"
+            f"test={len(self.test_y)}, val={len(self.val_y) if self.has_val else 0}, "
+            f"image={shape}, classes={self.num_classes})"
         )
 
 
@@ -387,6 +396,37 @@ def balanced_subset(y: torch.Tensor, limit: int | None) -> torch.Tensor | None:
     return torch.sort(picked).values
 
 
+def val_split(y: torch.Tensor, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keep, val)``: sorted indices of a class-balanced, seeded hold-out of ``size`` samples
+    and of the rest. Each class gives ``size // C`` samples (the first ``size % C`` classes one
+    more), drawn by a permutation seeded with ``seed``; the same ``(y, size, seed)`` always gives
+    the same split."""
+    classes = int(y.max()) + 1 if len(y) else 0
+    counts = torch.bincount(y, minlength=classes)
+    if not 0 < size < len(y):
+        raise DataError(
+            f"--val-size {size} must be between 1 and {len(y) - 1} (the training split)",
+            hint="hold out fewer images",
+        )
+    want = [size // classes + (1 if c < size % classes else 0) for c in range(classes)]
+    short = [c for c in range(classes) if want[c] >= counts[c]]
+    if short:
+        raise DataError(
+            f"--val-size {size} takes {want[short[0]]} images of class {short[0]}, which has "
+            f"{int(counts[short[0]])}",
+            hint="hold out fewer images (every class keeps at least one for training)",
+        )
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in range(classes):
+        members = torch.nonzero(y == c).flatten()
+        picked.append(members[torch.randperm(len(members), generator=g)[: want[c]]])
+    val = torch.sort(torch.cat(picked)).values
+    mask = torch.ones(len(y), dtype=torch.bool)
+    mask[val] = False
+    return torch.nonzero(mask).flatten(), val
+
+
 def channel_stats(
     x: torch.Tensor, chunk_pixels: int = 1 << 24
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -420,12 +460,16 @@ def load_data(
     cache_dir: str | Path | None = None,
     limit_train: int | None = None,
     limit_test: int | None = None,
+    val_size: int = 0,
+    val_seed: int = 0,
 ) -> ImageData:
     """Load a dataset by name ("sample", "cifar10", "cifar100") or ImageFolder path.
 
     `root` is where torchvision datasets live (default ./data); the decoded tensors are cached in
     `cache_dir` (default `$SURGEON_CACHE` or ~/.cache/fx-surgeon). `limit_train`/`limit_test`
     keep a deterministic class-balanced subset. mean/std come from the (kept) train split.
+    `val_size` holds out that many training images (class-balanced, seeded by `val_seed`)
+    before `limit_train` is applied to the rest, so the subset never overlaps the hold-out.
     """
     plan = resolve(source, Path(root) if root is not None else None, download)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -436,9 +480,18 @@ def load_data(
         data.mean, data.std = channel_stats(data.train_x)
         write_cache(path, plan.fingerprint, data)
     train_x, train_y, test_x, test_y = data.train_x, data.train_y, data.test_x, data.test_y
+    val_x = val_y = None
+    if val_size:
+        rest, held = val_split(train_y, val_size, val_seed)
+        val_x, val_y = train_x[held], train_y[held]
+        train_x, train_y = train_x[rest], train_y[rest]
     if (keep := balanced_subset(train_y, limit_train)) is not None:
         train_x, train_y = train_x[keep], train_y[keep]
     if (keep := balanced_subset(test_y, limit_test)) is not None:
         test_x, test_y = test_x[keep], test_y[keep]
-    mean, std = channel_stats(train_x) if limit_train is not None else (data.mean, data.std)
-    return ImageData(train_x, train_y, test_x, test_y, list(data.classes), mean, std, plan.name)
+    subset = limit_train is not None or val_size
+    mean, std = channel_stats(train_x) if subset else (data.mean, data.std)
+    return ImageData(
+        train_x, train_y, test_x, test_y, list(data.classes), mean, std, plan.name,
+        val_x, val_y, val_seed if val_size else None,
+    )  # fmt: skip

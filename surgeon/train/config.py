@@ -18,6 +18,8 @@ SCHEDULES = ("constant", "cosine", "step")
 PRECISIONS = ("fp32", "bf16")
 NORMS = ("none", "batchnorm")
 DECAY_TARGETS = ("identity", "zero")
+FINALS = ("parametrised", "output")
+DATA_ORDERS = ("reshuffle", "fixed", "replacement")
 DEVICES = ("auto", "cpu", "cuda")
 PLACEMENTS = ("activations", "ssf")
 TRAIN_PARTS = ("ss", "head", "norm", "bias")
@@ -78,17 +80,27 @@ class TrainConfig:
     dropout: bool = _opt(
         False, "the built-in models' dropout", VARIANT, flag="--dropout/--no-dropout"
     )
+    final: str = _opt(
+        "parametrised",
+        "which activations get no site: parametrised (no parametrised layer between it and the "
+        "output) or output (only the output nonlinearity; the thesis's rule), see docs/insert.md",
+        VARIANT, metavar="RULE",
+    )  # fmt: skip
     include: list[str] = _opt([], "keep only these sites (kind or node-name glob)", cli=False)
     exclude: list[str] = _opt([], "drop these sites (kind or node-name glob)", cli=False)
     data: str = _opt(
         "sample", "sample, cifar10, cifar100 or an ImageFolder path", DATA, metavar="DATA"
     )
+    classes: int = _opt(
+        0, "the class count the data must have (0: any); recipes state theirs", DATA,
+        metavar="N",
+    )  # fmt: skip
     data_root: str | None = _opt(
         None, "where torchvision's CIFAR files live (default ./data)", DATA, metavar="DIR"
     )
     download: bool = _opt(False, "let torchvision download CIFAR", DATA, flag="--download")
     augment: bool = _opt(
-        True, "random crop (pad 4) + horizontal flip, as batch tensor ops", DATA,
+        False, "random crop (pad 4) + horizontal flip, as batch tensor ops (the thesis: off)", DATA,
         flag="--augment/--no-augment",
     )  # fmt: skip
     limit_train: int | None = _opt(
@@ -97,6 +109,14 @@ class TrainConfig:
     limit_test: int | None = _opt(
         None, "class-balanced subset of the test split", DATA, metavar="N"
     )
+    val_size: int = _opt(
+        0, "class-balanced, seeded hold-out of N training images for model selection "
+        "(0: none; then 'best' is picked on the test split)", DATA, metavar="N",
+    )  # fmt: skip
+    data_order: str = _opt(
+        "reshuffle", "reshuffle (a new permutation each epoch), fixed (one permutation for every "
+        "epoch) or replacement (batches drawn with replacement)", DATA, metavar="ORDER",
+    )  # fmt: skip
     epochs: int = _opt(10, "epochs", OPTIM, metavar="N")
     batch_size: int = _opt(128, "batch size (one optimiser step, all ranks)", OPTIM, metavar="N")
     lr: float = _opt(
@@ -106,7 +126,8 @@ class TrainConfig:
     nesterov: bool = _opt(False, "Nesterov momentum", OPTIM, flag="--nesterov")
     wd: float = _opt(0.0, "weight decay of the weights", OPTIM, metavar="WD")
     ss_lr_mult: float = _opt(
-        0.1, "LR multiplier of the shift/scale parameters (see docs/training.md)", OPTIM,
+        0.1, "LR multiplier of the shift/scale parameters (the thesis: 1; see docs/training.md)",
+        OPTIM,
         metavar="X",
     )  # fmt: skip
     ss_wd: float = _opt(0.0, "weight decay of the shift/scale parameters", OPTIM, metavar="WD")
@@ -117,11 +138,19 @@ class TrainConfig:
     step_size: int = _opt(0, "step schedule: epochs per decay (0: a third of the run)", cli=False)
     gamma: float = _opt(0.1, "step schedule: decay factor", cli=False)
     warmup_epochs: float = _opt(0.0, "linear warm-up, in epochs", OPTIM, metavar="EPOCHS")
+    ss_warmup_epochs: float = _opt(
+        0.0, "linear warm-up of the shift/scale parameters' LR alone (from 0 to LR x "
+        "ss-lr-mult), in epochs", OPTIM, metavar="EPOCHS",
+    )  # fmt: skip
     seed: int = _opt(0, "seed of the init and the data order", RUN, metavar="N")
     precision: str = _opt("fp32", "fp32 or bf16 (CUDA autocast)", RUN, metavar="NAME")
     compile: bool = _opt(False, "torch.compile the model", RUN, flag="--compile")
     channels_last: bool = _opt(True, "channels_last memory format (CUDA only)", cli=False)
     ema: float = _opt(0.99, "coefficient of the training-loss EMA", RUN, metavar="X")
+    ema_bias_correction: bool = _opt(
+        False, "divide the loss EMA by 1 - ema^t (Adam's correction: no weight on a start value)",
+        RUN, flag="--ema-bias-correction/--no-ema-bias-correction",
+    )  # fmt: skip
     device: str = _opt("auto", f"{_choices(DEVICES)}", RUN, metavar="DEVICE")
     probe: bool = _opt(
         False, "log per-site activation stats and gradient norms, once per epoch", RUN,
@@ -157,6 +186,7 @@ class TrainConfig:
         False, "also write TensorBoard event files (needs tensorboard)", RUN, flag="--tensorboard"
     )
     variant: str = _opt("", "filled in from norm, shift and scale", cli=False)
+    tag: str = _opt("", "the recipe case this run belongs to (its name's suffix)", cli=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -181,6 +211,8 @@ class TrainConfig:
             ("precision", self.precision, PRECISIONS),
             ("ss-decay-to", self.ss_decay_to, DECAY_TARGETS),
             ("device", self.device, DEVICES),
+            ("final", self.final, FINALS),
+            ("data-order", self.data_order, DATA_ORDERS),
         )
         for what, value, allowed in checks:
             if value not in allowed:
@@ -202,6 +234,17 @@ class TrainConfig:
             raise TrainError(
                 f"--ema must be in [0, 1), got {self.ema}", hint="the thesis uses 0.99"
             )
+        if self.classes < 0:
+            raise TrainError(f"--classes must be >= 0, got {self.classes}", hint="0: any")
+        if self.val_size < 0:
+            raise TrainError(
+                f"--val-size must be >= 0, got {self.val_size}", hint="0 turns the split off"
+            )
+        if self.ss_warmup_epochs < 0:
+            raise TrainError(
+                f"--ss-warmup-epochs must be >= 0, got {self.ss_warmup_epochs}",
+                hint="0 turns the warm-up off",
+            )
         if self.ss_lr_mult < 0 or self.ss_wd < 0 or self.wd < 0:
             raise TrainError(
                 "learning-rate multipliers and weight decays must be >= 0",
@@ -209,9 +252,12 @@ class TrainConfig:
             )
         self._check_finetune()
         self.variant = variant_name(self.norm, self.shift, self.scale)
+        if self.tag:
+            check_name(self.tag, "case tag", TrainError)
         if not self.name:
+            suffix = f"_{self.tag}" if self.tag else ""
             self.name = check_name(
-                run_name(self.variant, self.lr, self.seed), "run name", TrainError
+                run_name(self.variant, self.lr, self.seed) + suffix, "run name", TrainError
             )
 
     def _check_finetune(self) -> None:

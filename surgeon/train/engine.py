@@ -103,6 +103,7 @@ class RunState:
     final_val_err: float | None = None
     history: list[float] = field(default_factory=list)  # val_err per epoch
     world_size: int = 1
+    test_history: list[float] = field(default_factory=list)  # test_err per epoch
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -113,7 +114,7 @@ _NUMBER, _MAYBE = (float, int), (float, int, type(None))
 RUN_FIELDS: dict[str, tuple[type, ...]] = {
     "step": (int,), "epoch": (int,), "batch": (int,), "ema_loss": _MAYBE, "loss_sum": _NUMBER,
     "correct": (int,), "seen": (int,), "best_val_err": _MAYBE, "best_epoch": (int,),
-    "final_val_err": _MAYBE, "history": (list,), "world_size": (int,),
+    "final_val_err": _MAYBE, "history": (list,), "world_size": (int,), "test_history": (list,),
 }  # fmt: skip
 assert set(RUN_FIELDS) == set(RunState().to_dict())
 
@@ -177,7 +178,9 @@ class Trainer:
             cfg.download,
             limit_train=cfg.limit_train,
             limit_test=cfg.limit_test,
+            val_size=cfg.val_size,
         )
+        check_data(cfg, self.data)
         self.input_size = tuple(self.data.train_x.shape[1:])
         if base is None:
             base = build_base(cfg, self.data.num_classes, self.input_size)
@@ -216,11 +219,19 @@ class Trainer:
             augment=cfg.augment,
             drop_last=True,
             seed=cfg.seed,
+            order=cfg.data_order,
             **loader_kw,
             **shard,
         )
-        self.val_loader = Loader(
-            self.data.test_x, self.data.test_y, max(self.micro, 256), **loader_kw, **shard
+        eval_batch = max(self.micro, 256)
+        self.test_loader = Loader(
+            self.data.test_x, self.data.test_y, eval_batch, **loader_kw, **shard
+        )
+        # model selection: the validation hold-out, or (without one) the test split as before
+        self.val_loader = (
+            Loader(self.data.val_x, self.data.val_y, eval_batch, **loader_kw, **shard)
+            if self.data.has_val
+            else self.test_loader
         )
         self.steps_per_epoch = len(self.train_loader) // cfg.accum_steps
         if self.steps_per_epoch == 0:
@@ -286,6 +297,8 @@ class Trainer:
                 "std": list(self.data.std),
                 "train": len(self.data.train_x),
                 "test": len(self.data.test_x),
+                "val": len(self.data.val_y) if self.data.has_val else 0,
+                "val_seed": self.data.val_seed,
             },
         )
         write_model_files(self.model, self.out, {"run": self.cfg.name})
@@ -397,11 +410,12 @@ class Trainer:
     # ---------------------------------------------------------------- loop
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """``(val_loss, val_err)`` over the test split (sharded over ranks), in eval mode."""
+    def evaluate(self, loader: Loader | None = None) -> tuple[float, float]:
+        """``(loss, err)`` over ``loader`` (default: the selection split; sharded over ranks),
+        in eval mode."""
         self.model.eval()
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss, correct, count
-        for x, y in self.val_loader:
+        for x, y in loader or self.val_loader:
             with self.autocast:
                 out = self.model(x) if not self.cfg.compile else self.forward(x)
             sums[0] += F.cross_entropy(out.float(), y, reduction="sum").double()
@@ -428,16 +442,14 @@ class Trainer:
             if not math.isfinite(v):
                 self._log(rows)
                 return step
-            st.ema_loss = (
-                v if st.ema_loss is None else self.cfg.ema * st.ema_loss + (1 - self.cfg.ema) * v
-            )
+            st.ema_loss, shown = ema_update(st.ema_loss, v, step, self.cfg)
             rows.append(
                 {
                     "type": "step",
                     "step": step,
                     "epoch": epoch,
                     "loss": v,
-                    "ema_loss": st.ema_loss,
+                    "ema_loss": shown,
                     "lr": lr,
                 }
             )
@@ -445,7 +457,9 @@ class Trainer:
                 for key in ("loss", "ema_loss", "lr"):
                     self.tb.add_scalar(f"train/{key}", rows[-1][key], step)
         self._log(rows)
-        self.reporter.step(first_step + len(values) - 1, st.ema_loss, lrs[-1])
+        self.reporter.step(
+            first_step + len(values) - 1, ema_value(st.ema_loss, st.step, self.cfg), lrs[-1]
+        )
         return None
 
     def _train_step(
@@ -501,6 +515,7 @@ class Trainer:
                     if len(group) < accum:
                         continue
                     lr = set_lr(self.opt, cfg, lr_factor(cfg, st.step, self.steps_per_epoch))
+                    ss_warmup(self.opt, cfg, st.step, self.steps_per_epoch)
                     loss, ok, n = self._train_step(group)
                     group = []
                     st.step += 1
@@ -540,18 +555,26 @@ class Trainer:
                         break
                 train_time = time.perf_counter() - t0
                 val_loss, val_err = self.evaluate()
+                test_loss, test_err = (
+                    self.evaluate(self.test_loader)
+                    if self.val_loader is not self.test_loader
+                    else (val_loss, val_err)
+                )
                 st.epoch += 1
                 row = {
                     "type": "epoch", "epoch": st.epoch, "step": st.step,
                     "train_loss": st.loss_sum / max(st.seen, 1), "train_err": 1 - st.correct / max(st.seen, 1),
                     "train_acc": st.correct / max(st.seen, 1), "val_loss": val_loss, "val_err": val_err,
                     "val_acc": 1 - val_err, "time_s": train_time, "images_per_s": images / max(train_time, 1e-9),
-                    "ema_loss": st.ema_loss, "lr": lrs[-1] if lrs else set_lr(self.opt, cfg, lr_factor(cfg, st.step - 1, self.steps_per_epoch)),
+                    "test_loss": test_loss, "test_err": test_err,
+                    "select_split": "val" if self.data.has_val else "test",
+                    "ema_loss": ema_value(st.ema_loss, st.step, cfg), "lr": lrs[-1] if lrs else set_lr(self.opt, cfg, lr_factor(cfg, st.step - 1, self.steps_per_epoch)),
                 }  # fmt: skip
                 if not math.isfinite(val_loss):
                     diverged_at = st.step
                     raise _Diverged(st.step, row["lr"])
                 st.history.append(val_err)
+                st.test_history.append(test_err)
                 st.final_val_err = val_err
                 if st.best_val_err is None or val_err < st.best_val_err:
                     st.best_val_err, st.best_epoch = val_err, st.epoch
@@ -594,6 +617,7 @@ class Trainer:
             "name": cfg.name, "variant": cfg.variant, "lr": cfg.lr, "seed": cfg.seed, "status": status,
             "final_val_err": st.final_val_err, "best_val_err": st.best_val_err, "best_epoch": st.best_epoch,
             "epochs_run": st.epoch, "steps": st.step, "diverged_at_step": diverged_at, "message": message,
+            **selection_summary(st, self.data.has_val),
         }  # fmt: skip
         summary.update(self.trainable)
         if self.main:
@@ -676,6 +700,63 @@ class Trainer:
                 epoch = run["epoch"] + (1 if run["batch"] else 0)
                 return f"the checkpoint of epoch {epoch} / step {run['step']}"
         return "the initial weights"
+
+
+class WrongData(TrainError):
+    """The data is not the dataset the config states: every run of a recipe would hit it."""
+
+
+def check_data(cfg: TrainConfig, data: ImageData) -> None:
+    """The data must have the class count the config states (``classes``; 0: any), so a
+    recipe for CIFAR-100 cannot silently run on a CIFAR-10 folder."""
+    if cfg.classes and data.num_classes != cfg.classes:
+        raise WrongData(
+            f"--data {cfg.data} has {data.num_classes} classes; this run is for {cfg.classes}",
+            hint="pass data with that many classes (a recipe states its dataset), or --classes 0",
+        )
+
+
+def selection_summary(st: RunState, has_val: bool) -> dict[str, Any]:
+    """The summary's split-aware keys: the split the best epoch was chosen on, the test error
+    at that epoch and at the last one. Without a validation split, ``best_val_err`` and
+    ``final_val_err`` are test errors (the folders written before the split existed)."""
+    tests = st.test_history
+    at_best = tests[st.best_epoch - 1] if 0 < st.best_epoch <= len(tests) else None
+    return {
+        "selected_on": "val" if has_val else "test",
+        "test_err_at_best": at_best,
+        "final_test_err": tests[-1] if tests else None,
+    }
+
+
+def ema_update(raw: float | None, value: float, step: int, cfg: TrainConfig) -> tuple[float, float]:
+    """``(state, shown)`` after one loss ``value`` at 1-based ``step``. Without bias correction
+    the EMA starts at the first loss (the thesis's curves); with it, the state starts at 0 and
+    the shown value is ``state / (1 - ema**step)`` (Adam's correction), so no single early
+    loss keeps a fixed weight."""
+    if cfg.ema_bias_correction:
+        state = (0.0 if raw is None else raw) * cfg.ema + (1 - cfg.ema) * value
+        return state, ema_value(state, step, cfg)
+    state = value if raw is None else cfg.ema * raw + (1 - cfg.ema) * value
+    return state, state
+
+
+def ema_value(raw: float | None, step: int, cfg: TrainConfig) -> float | None:
+    """The EMA as logged: ``raw``, or ``raw / (1 - ema**step)`` with bias correction."""
+    if raw is None or not cfg.ema_bias_correction or step < 1:
+        return raw
+    return raw / (1 - cfg.ema**step)
+
+
+def ss_warmup(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int, per_epoch: int) -> None:
+    """Scale the shift/scale group's LR by ``(step + 1) / W`` for the first ``W`` steps
+    (``W = ss_warmup_epochs`` epochs); the weights' LR is left as the schedule set it."""
+    warm = int(cfg.ss_warmup_epochs * per_epoch)
+    if step >= warm:
+        return
+    for g in opt.param_groups:
+        if g.get("name") == "shift_scale":
+            g["lr"] *= (step + 1) / warm
 
 
 def _replace_file(src: Path, dst: Path) -> None:

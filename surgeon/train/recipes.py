@@ -9,7 +9,11 @@ epochs = 3
 [grid]            # every combination becomes one run
 variant = ["plain", "batchnorm", "shift-layer+scale-layer"]
 lr = [0.04]
-seed = [0]
+seed = [0, 1, 2]  # runs that differ only in seed: `surgeon report` gives mean ± std
+case = [          # optional: named sets of field values, one more axis (the name's suffix)
+    { tag = "m1", ss_lr_mult = 1.0 },
+    { tag = "warm", ss_lr_mult = 1.0, ss_warmup_epochs = 2 },
+]
 ```
 A name (``quick``) is looked up among the recipes shipped in ``recipes/``; anything else
 is a path to a ``.toml`` file.
@@ -33,7 +37,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-GRID_KEYS = ("variant", "lr", "seed")
+GRID_KEYS = ("variant", "lr", "seed", "case")
 
 
 @dataclass
@@ -50,10 +54,12 @@ class Recipe:
         overrides = dict(overrides or {})
         grid = {k: list(v) for k, v in self.grid.items()}
         for key in GRID_KEYS:
-            if key in overrides and key != "variant":
+            if key in overrides and key not in ("variant", "case"):
                 grid[key] = [overrides.pop(key)]
         if any(k in overrides for k in ("shift", "scale", "norm")):
             grid.pop("variant", None)  # explicit variant flags replace the recipe's variants
+            for key in ("shift", "scale", "norm"):  # and name the whole variant: the rest none
+                overrides.setdefault(key, "none")
         axes = [(k, grid[k]) for k in GRID_KEYS if k in grid]
         out = []
         for values in itertools.product(*(v for _, v in axes)):
@@ -61,9 +67,12 @@ class Recipe:
             d = {**self.base}
             if "variant" in point:
                 d.update(parse_variant(point.pop("variant")))
+            case = dict(point.pop("case", {}))
+            tag = case.pop("tag", "")
+            d.update(case)
             d.update(point)
             d.update(overrides)
-            d["name"] = ""
+            d["name"], d["tag"] = "", tag
             out.append(TrainConfig.from_dict(d))
         names = [c.name for c in out]
         if len(set(names)) != len(names):
@@ -71,6 +80,28 @@ class Recipe:
                 f"recipe {self.name} has duplicate runs", hint="check the grid for repeated values"
             )
         return out
+
+
+def _check_cases(path: Path, cases: list[Any]) -> None:
+    """Each case is a table with a unique ``tag`` (a name suffix) and TrainConfig fields."""
+    fields = set(TrainConfig.__dataclass_fields__) - {"name", "tag", "variant"}
+    tags = []
+    for case in cases:
+        if not isinstance(case, dict) or not isinstance(case.get("tag"), str):
+            raise TrainError(
+                f"recipe {path}: each grid case is a table with a tag",
+                hint='e.g. case = [{ tag = "m1", ss_lr_mult = 1.0 }]',
+            )
+        check_name(case["tag"], f"case tag in {path}", TrainError)
+        unknown = sorted(set(case) - fields - {"tag"})
+        if unknown:
+            raise TrainError(
+                f"recipe {path}: case {case['tag']!r} sets unknown field(s) {', '.join(unknown)}",
+                hint="a case sets TrainConfig fields (not name or variant)",
+            )
+        tags.append(case["tag"])
+    if len(set(tags)) != len(tags):
+        raise TrainError(f"recipe {path}: repeated case tags", hint="give each case its own tag")
 
 
 def available() -> dict[str, Path]:
@@ -107,6 +138,7 @@ def load_recipe(name_or_path: str) -> Recipe:
             hint=f"grid keys: {', '.join(GRID_KEYS)}",
         )
     grid = {k: v if isinstance(v, list) else [v] for k, v in grid.items()}
+    _check_cases(path, grid.get("case", []))
     name = raw.get("name", path.stem)
     check_name(name, f"recipe name in {path}", TrainError)  # the recipe's folder under --out
     recipe = Recipe(

@@ -15,7 +15,7 @@ from ..data import ImageData, load_data
 from ..errors import SurgeonError
 from .config import TrainConfig
 from .distributed import env_info
-from .engine import train
+from .engine import WrongData, check_data, train
 from .progress import Reporter
 from .recipes import Recipe
 from .variants import build_base
@@ -43,7 +43,7 @@ def run_configs(
     for cfg in configs:
         run_dir = out / cfg.name
         try:
-            dkey = (cfg.data, cfg.data_root, cfg.limit_train, cfg.limit_test)
+            dkey = (cfg.data, cfg.data_root, cfg.limit_train, cfg.limit_test, cfg.val_size)
             if dkey not in datasets:
                 datasets[dkey] = load_data(
                     cfg.data,
@@ -51,15 +51,17 @@ def run_configs(
                     cfg.download,
                     limit_train=cfg.limit_train,
                     limit_test=cfg.limit_test,
+                    val_size=cfg.val_size,
                 )
             data = datasets[dkey]
+            check_data(cfg, data)  # the wrong dataset for every run: stops the recipe
             size = tuple(data.train_x.shape[1:])
             bkey = (cfg.model, repr(sorted(cfg.model_args.items())), cfg.dropout, cfg.seed)
             if bkey not in bases:  # one base model per seed: every variant shares its init
                 bases[bkey] = build_base(cfg, data.num_classes, size)
             summary = train(cfg, run_dir, data=data, base=bases[bkey], reporter=reporter_factory())
         except SurgeonError as exc:
-            if strict:
+            if strict or isinstance(exc, WrongData):
                 raise
             summary = _failed(cfg, str(exc), run_dir)
         except Exception as exc:  # one broken run must not stop the others

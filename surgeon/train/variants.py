@@ -68,7 +68,7 @@ def derive(base: nn.Module, cfg: TrainConfig, input_size: tuple[int, ...]) -> fx
     # the plain variant is traced too (shift=scale=none), so every variant is a GraphModule
     if cfg.placement != "activations" or cfg.ssf_init_std:
         return _insert_ssf(model, cfg, opts)
-    return insert(model, cfg.shift, cfg.scale, **opts)
+    return insert(model, cfg.shift, cfg.scale, final=cfg.final, **opts)
 
 
 def _insert_ssf(model: nn.Module, cfg: TrainConfig, opts: dict[str, Any]) -> fx.GraphModule:
@@ -77,6 +77,6 @@ def _insert_ssf(model: nn.Module, cfg: TrainConfig, opts: dict[str, Any]) -> fx.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return insert(
-            model, cfg.shift, cfg.scale, placement=cfg.placement,
+            model, cfg.shift, cfg.scale, final=cfg.final, placement=cfg.placement,
             init_std=cfg.ssf_init_std, **opts,
         )  # fmt: skip
