@@ -350,13 +350,21 @@ def _train(
         from surgeon.train.queue import run_parallel, slots
 
         gpu_ids = [int(g) for g in gpus.split(",")] if gpus else None
-        results = run_parallel(
-            configs,
-            folder,
-            slots(gpu_ids, runs_per_gpu, workers),
-            recipe_name=recipe_name,
-            on_done=_done_line,
-        )
+        try:
+            results = run_parallel(
+                configs,
+                folder,
+                slots(gpu_ids, runs_per_gpu, workers),
+                recipe_name=recipe_name,
+                on_done=_done_line,
+            )
+        except KeyboardInterrupt:
+            print(
+                f"interrupted: the running runs were stopped; continue one with "
+                f"surgeon train --resume {folder}/RUN",
+                file=sys.stderr,
+            )
+            return 130
     else:
         results = run_configs(
             configs,
@@ -436,20 +444,28 @@ def _done_line(summary: dict[str, Any]) -> None:
 
 def _print_plan(configs: list[TrainConfig], folder: Path) -> None:
     table = Table(title=f"{len(configs)} run(s) into {folder}")
-    for col in ("run", "model", "variant", "lr", "seed", "epochs", "batch", "data"):
+    cols = ("run", "model", "variant", "lr", "ss lr x", "seed", "epochs", "batch", "data",
+            "classes", "augment", "final", "val split")  # fmt: skip
+    for col in cols:
         table.add_column(col)
     for c in configs:
         table.add_row(
-            c.name,
-            c.model,
-            c.variant,
-            f"{c.lr:g}",
-            str(c.seed),
-            str(c.epochs),
-            str(c.batch_size),
-            c.data,
-        )
+            c.name, _model_words(c), c.variant, f"{c.lr:g}", f"{c.ss_lr_mult:g}", str(c.seed),
+            str(c.epochs), str(c.batch_size), c.data, str(c.classes or "any"),
+            "on" if c.augment else "off", c.final, str(c.val_size) if c.val_size else "none (test)",
+        )  # fmt: skip
     console.print(table)
+
+
+def _model_words(c: TrainConfig) -> str:
+    """The model spec, with the built-ins' variants spelled out (Springenberg's All-CNN-C)."""
+    args = dict(c.model_args)
+    if c.model == "allconv":
+        net = "Springenberg" if args.pop("final_relu", True) else "no final ReLU"
+        words = f"allconv ({net}{', dropout' if c.dropout else ''})"
+    else:
+        words = c.model + (" (dropout)" if c.dropout else "")
+    return words + "".join(f" {k}={v}" for k, v in sorted(args.items()))
 
 
 def _fmt(v: float | None) -> str:

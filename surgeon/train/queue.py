@@ -2,14 +2,19 @@
 
 Each run is a subprocess ``python -m surgeon train --config RUN.json`` pinned to one GPU
 with ``CUDA_VISIBLE_DEVICES`` (or a CPU slot); a slot takes the next run from the queue
-when its run ends. A run that fails or diverges is recorded; the others go on.
+when its run ends. A run that fails or diverges is recorded; the others go on. However the
+queue ends (done, an error, Ctrl-C or SIGTERM), no child outlives it: each running one gets
+SIGINT (it stops at a clean point, its last checkpoint intact), then SIGKILL after
+``STOP_GRACE_S``; the folder of the runs' config files is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +27,8 @@ from typing import Any
 from .. import rundir
 from .config import TrainConfig
 from .runner import _failed, write_results
+
+STOP_GRACE_S = 10.0  # seconds a child has to stop after SIGINT before it is killed
 
 
 def slots(gpus: list[int] | None, runs_per_gpu: int, workers: int) -> list[dict[str, str]]:
@@ -51,6 +58,7 @@ def run_parallel(
     running: dict[int, tuple[subprocess.Popen, int, TrainConfig, Path]] = {}
     results: dict[int, dict[str, Any]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="surgeon-queue-"))
+    old_term = _sigterm_as_interrupt()
     try:
         while queue or running:
             while queue and free:
@@ -99,6 +107,40 @@ def run_parallel(
                     [c.name for c in configs] if recipe_name else None,
                 )
             time.sleep(poll_s)
-    finally:  # the runs' config files
-        shutil.rmtree(tmp, ignore_errors=True)
+    finally:  # no child left running, and the runs' config files removed
+        try:
+            _stop([proc for proc, *_ in running.values()])
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
     return [results[i] for i in range(len(configs))]
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGINT to each running child (a clean stop), SIGKILL to those still alive after
+    ``grace_s``; wait for all of them (no zombies)."""
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    for p in live:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _sigterm_as_interrupt() -> Any:
+    """SIGTERM raises KeyboardInterrupt (so the ``finally`` stops the children) while the
+    queue runs; returns the previous handler, or None outside the main thread."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread: signals are the main thread's business
+        return None
