@@ -80,3 +80,57 @@ def test_queue_runs_two_at_a_time_and_a_failure_does_not_stop_the_others(tmp_pat
 def test_gpu_slots_pin_one_gpu_each() -> None:
     envs = slots([0, 3], runs_per_gpu=2, workers=1)
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "0", "3", "3"]
+
+
+QUEUE_SCRIPT = """
+import sys
+from pathlib import Path
+from surgeon.train import TrainConfig
+from surgeon.train.queue import run_parallel, slots
+
+tiny = dict(model="mlp", model_args={"hidden": (16,)}, limit_train=100, limit_test=50,
+            epochs=100000, batch_size=50, device="cpu")
+configs = [TrainConfig(**tiny, name="a"), TrainConfig(**tiny, name="b")]
+run_parallel(configs, Path(sys.argv[1]), slots(None, 1, 2), poll_s=0.2)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # the parent pid
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_queue_stops_its_children_and_removes_its_folder_on_sigint(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    parent = subprocess.Popen(
+        [sys.executable, "-c", QUEUE_SCRIPT, str(tmp_path / "q")],
+        env={**os.environ, "TMPDIR": str(tmpdir)},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        kids: list[int] = []
+        while time.monotonic() < deadline and len(kids) < 2:  # both runs started
+            time.sleep(0.2)
+            kids = _children(parent.pid)
+        assert len(kids) == 2 and list(tmpdir.glob("surgeon-queue-*"))
+        time.sleep(2)  # the children are importing torch or training
+        parent.send_signal(signal.SIGINT)
+        assert parent.wait(timeout=60) != 0
+    finally:
+        parent.kill()
+    assert not [k for k in kids if Path(f"/proc/{k}").exists()]  # none survives (or is a zombie)
+    assert not list(tmpdir.glob("surgeon-queue-*"))

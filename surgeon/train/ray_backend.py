@@ -65,9 +65,12 @@ def run_ray(
     cpus_per_run: float = 1.0,
     max_retries: int = MAX_RETRIES,
     on_done: Callable[[dict[str, Any]], None] | None = None,
+    task_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``configs`` as Ray tasks into ``out/<run name>/``; return their summaries in config
-    order and keep ``results.json``/``results.csv`` up to date as runs finish."""
+    order and keep ``results.json``/``results.csv`` up to date as runs finish.
+
+    ``task_options`` go to each task's ``.options()`` (e.g. a ``runtime_env``)."""
     from .runner import _failed, write_results
 
     ray = require_ray()
@@ -79,6 +82,7 @@ def run_ray(
         num_gpus=gpus_per_run,
         max_retries=max_retries,
         retry_exceptions=False,  # only a dead worker is retried, never the run's own failure
+        **(task_options or {}),
     )
     cwd = os.getcwd()  # relative --data/--model paths mean the same on every node
     for c in configs:  # each task's log; its "[ray] attempt" lines count the retries

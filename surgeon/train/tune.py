@@ -172,6 +172,7 @@ def search_lr(
                     search_alg=BasicVariantGenerator(
                         random_state=search_seed + k, max_concurrent=concurrent
                     ),
+                    reuse_actors=True,  # one torch import per worker, not per trial
                 ),
                 run_config=tune.RunConfig(
                     name=variant,
