@@ -400,8 +400,8 @@ def test_run_folder_files_keep_their_bytes(tmp_path):
         json.dumps(summary, indent=2) + "\n"
     ).encode()
     header = b"name,variant,lr,seed,status,final_val_err,best_val_err,best_epoch,epochs_run,"
-    header += b"steps,diverged_at_step,message\r\n"
-    assert (tmp_path / "summary.csv").read_bytes() == header + b"r,plain,0.04,0,ok,,,,,,,\r\n"
+    header += b"steps,diverged_at_step,message,selected_on,test_err_at_best,final_test_err\r\n"
+    assert (tmp_path / "summary.csv").read_bytes() == header + b"r,plain,0.04,0,ok,,,,,,,,,,\r\n"
     rundir.write_results(tmp_path, "quick", [summary])
     assert json.loads((tmp_path / "results.json").read_text()) == {
         "recipe": "quick",
@@ -416,3 +416,78 @@ def test_run_folder_files_keep_their_bytes(tmp_path):
     rundir.truncate_metrics(tmp_path, step=1, epoch=0)  # as a resume from step 1 does
     assert rundir.read_metrics(tmp_path)[:2] == ([rows[0]], [])
     assert rundir.is_run_folder(tmp_path) and not list(tmp_path.glob(".*"))
+
+
+def _row(variant, seed, test, tag="", lr=0.04, cell="c"):
+    return {
+        "experiment": "e", "variant": variant, "tag": tag, "lr": lr, "seed": seed,
+        "status": "ok", "selected_on": "val", "best_val_err": test, "test_err_at_best": test,
+        "final_val_err": test, "final_test_err": test, "final_train_err": 0.1,
+        "final_ema_loss": 1.0, "epochs_to_target": None, "cell": f"{variant}{tag}{cell}",
+    }  # fmt: skip
+
+
+def test_seeds_aggregate_to_mean_std_n_and_close_cells_are_marked():
+    from surgeon.analysis.report import aggregate, variant_table
+
+    rows = [_row("plain", s, v) for s, v in enumerate((0.50, 0.52, 0.54))]
+    rows += [_row("batchnorm", s, v) for s, v in enumerate((0.49, 0.51, 0.53))]
+    rows += [_row("scale-layer", s, v) for s, v in enumerate((0.40, 0.41, 0.42))]
+    rows += [_row("scale-layer", 0, 0.3, tag="warm")]  # a case: its own cell, one seed
+    agg = {(a["variant"], a["tag"]): a for a in aggregate(rows)}
+    plain = agg[("plain", "")]
+    assert plain["runs"] == 3 and plain["seeds"] == [0, 1, 2]
+    assert plain["test_err_at_best_mean"] == pytest.approx(0.52)
+    assert plain["test_err_at_best_std"] == pytest.approx(0.02)
+    assert agg[("scale-layer", "warm")]["best_in_group"]  # lowest mean...
+    assert agg[("scale-layer", "warm")]["test_err_at_best_std"] is None
+    assert not agg[("scale-layer", "")]["within_spread"]  # ...but no spread: nothing within it
+    header, cells = variant_table(list(agg.values()))
+    assert "case" in header and "test err at best epoch" in header and "n" in header
+    assert any("(best)" in c for row in cells for c in row)
+    # among the three-seed cells alone, batch norm is within plain's spread of the best
+    agg3 = {a["variant"]: a for a in aggregate([r for r in rows if not r["tag"]])}
+    assert agg3["scale-layer"]["best_in_group"]
+    assert not agg3["plain"]["within_spread"] and not agg3["batchnorm"]["within_spread"]
+    close = aggregate([_row("plain", s, v) for s, v in enumerate((0.41, 0.43, 0.45))] + rows[6:9])
+    assert {a["variant"]: a["within_spread"] for a in close}["plain"]
+
+
+def test_within_spread_and_mean_std():
+    from surgeon.analysis.stats import mean_std, within_spread
+
+    assert mean_std([1.0, 3.0, None, float("nan")]) == (2.0, pytest.approx(2**0.5))
+    assert mean_std([1.0]) == (1.0, None) and mean_std([]) == (None, None)
+    assert within_spread((0.50, 0.02), (0.48, 0.02))
+    assert not within_spread((0.50, 0.01), (0.45, 0.01))
+    assert not within_spread((0.50, None), (0.50, 0.01))
+
+
+def test_sawtooth_measures_rises_at_epoch_boundaries():
+    from surgeon.analysis.stats import sawtooth
+
+    per_epoch, epochs = 16, 4
+    ends = [per_epoch * e for e in range(1, epochs + 1)]
+    # a loss that jumps up by 0.5 at every new epoch and falls within it
+    tooth = {s: 2.0 - 0.02 * s + (0.5 if (s - 1) % per_epoch < 2 else 0.0) for s in range(1, 65)}
+    out = sawtooth(tooth, ends)
+    assert out["boundary_rise"] > 0.4 and abs(out["mid_rise"]) < 0.1 and out["sawtooth"] > 0.4
+    smooth = sawtooth({s: 2.0 - 0.02 * s for s in range(1, 65)}, ends)
+    assert smooth["sawtooth"] == pytest.approx(0.0, abs=1e-9)
+    assert sawtooth({}, ends[:1])["sawtooth"] is None
+
+
+def test_folders_without_a_hold_out_read_as_selected_on_test(tmp_path):
+    """A run folder from before the validation split: its val errors are test errors."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"name": "r", "variant": "plain", "lr": 0.04}))
+    summary = {"name": "r", "variant": "plain", "lr": 0.04, "seed": 0, "status": "ok",
+               "best_val_err": 0.4, "best_epoch": 1, "final_val_err": 0.5, "epochs_run": 2}  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(summary))
+    rundir.append_metrics(run, [{"type": "epoch", "epoch": 1, "step": 1, "val_err": 0.4},
+                                {"type": "epoch", "epoch": 2, "step": 2, "val_err": 0.5}])  # fmt: skip
+    rep = analysis.build_report([run], tmp_path / "out")
+    (row,) = rep["runs"]
+    assert row["selected_on"] == "test"
+    assert (row["test_err_at_best"], row["final_test_err"]) == (0.4, 0.5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import html
+import json
 import math
 import re
 from collections import defaultdict
@@ -20,7 +21,7 @@ from typing import Any
 from ..rundir import write_json_atomic
 from .plots import SITE_AXIS, X_LABEL_INCHES, colors, figure, label_inches, plain_text, save, slug
 from .runs import Run, load_runs
-from .stats import jsonable
+from .stats import jsonable, mean_std, sawtooth, within_spread
 
 DEFAULT_MARGIN = 0.05  # default target error = best val error of any run + 5 points
 PROBE_METRICS = {  # probe row key: y-axis label
@@ -30,9 +31,16 @@ PROBE_METRICS = {  # probe row key: y-axis label
     "grad_norm_after": "gradient norm, layer after",
 }
 ROW_FIELDS = (
-    "run", "experiment", "variant", "lr", "seed", "status", "best_val_err", "best_epoch",
-    "final_val_err", "epochs_run", "epochs_to_target", "diverged_at_step", "message", "path",
+    "run", "experiment", "variant", "tag", "lr", "seed", "status", "selected_on",
+    "best_val_err", "best_epoch", "test_err_at_best", "final_val_err", "final_test_err",
+    "final_train_err", "final_train_loss", "final_ema_loss", "boundary_rise", "mid_rise",
+    "sawtooth", "epochs_run", "epochs_to_target",
+    "diverged_at_step", "message", "path",
 )  # fmt: skip
+# config keys that do not make two runs different cells (seeds aggregate; the rest is
+# bookkeeping or where the run happened)
+NOT_A_CELL = {"name", "seed", "device", "world_size", "tensorboard", "checkpoint_every",
+              "data_root", "download", "compile", "probe"}  # fmt: skip
 
 
 def _finite(x: Any) -> bool:
@@ -69,16 +77,35 @@ def summary_row(run: Run, target: float | None) -> dict[str, Any]:
     final = s.get("final_val_err")
     if final is None and errs:
         final = errs[-1][1]
+    # folders from before the validation hold-out: "val" was the test split, picked on it
+    selected_on = s.get("selected_on") or run.config.get("val_size") and "val" or "test"
+    at_best, final_test = s.get("test_err_at_best"), s.get("final_test_err")
+    if selected_on == "test":
+        at_best = best if at_best is None else at_best
+        final_test = final if final_test is None else final_test
+    last = run.epochs[-1] if run.epochs else {}
     return {
         "run": run.name,
         "experiment": run.experiment,
         "variant": run.variant,
+        "tag": run.config.get("tag") or "",
         "lr": run.lr,
         "seed": run.seed,
         "status": run.status,
+        "selected_on": selected_on,
         "best_val_err": best,
         "best_epoch": best_epoch,
+        "test_err_at_best": at_best,
         "final_val_err": final,
+        "final_test_err": final_test,
+        "final_train_err": last.get("train_err"),
+        "final_train_loss": last.get("train_loss"),
+        "final_ema_loss": last.get("ema_loss"),
+        **sawtooth(
+            {int(r["step"]): r["loss"] for r in run.steps if _finite(r.get("loss"))},
+            [int(r["step"]) for r in run.epochs if r.get("step") is not None],
+        ),
+        "cell": cell_key(run),
         "epochs_run": s.get("epochs_run", errs[-1][0] if errs else 0),
         "epochs_to_target": epochs_to_target(run, target),
         "diverged_at_step": s.get("diverged_at_step"),
@@ -87,38 +114,70 @@ def summary_row(run: Run, target: float | None) -> dict[str, Any]:
     }
 
 
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    values = [v for v in values if _finite(v)]
-    if not values:
-        return None, None
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, None
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+_mean_std = mean_std  # the name this module used before stats.mean_std
+AGG_KEYS = ("best_val_err", "test_err_at_best", "final_val_err", "final_test_err",
+            "final_train_err", "final_ema_loss", "boundary_rise", "mid_rise", "sawtooth")  # fmt: skip
+
+
+def cell_key(run: Run) -> str:
+    """What makes runs one table cell: the config without the seed (and bookkeeping), so
+    runs that differ only in seed aggregate and anything else keeps them apart."""
+    config = {k: v for k, v in run.config.items() if k not in NOT_A_CELL}
+    return json.dumps(config, sort_keys=True, default=str)
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per experiment, variant and LR: runs, diverged runs, mean ± sample std over seeds."""
+    """Per experiment, variant, case tag and LR (runs that differ only in seed): n, diverged
+    runs, mean ± sample std of each error; ``within_spread`` marks a cell whose mean test
+    error (at the epoch chosen on the selection split) is within the spread of the best cell
+    of its experiment and LR (``|difference| < sqrt(std_a² + std_b²)``)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["experiment"], r["variant"], r["lr"])].append(r)
+        key = (r["experiment"], r["variant"], r.get("tag") or "", r["lr"], r.get("cell", ""))
+        groups[key].append(r)
     order = {v: i for i, v in enumerate(variant_order({r["variant"] for r in rows}))}
     out = []
-    for (exp, variant, lr), rs in sorted(
-        groups.items(), key=lambda kv: (kv[0][0], kv[0][2] or 0, order[kv[0][1]])
+    for (exp, variant, tag, lr, _), rs in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][3] or 0, order[kv[0][1]], kv[0][2])
     ):
-        best_m, best_s = _mean_std([r["best_val_err"] for r in rs])
-        final_m, final_s = _mean_std([r["final_val_err"] for r in rs])
         reached = [r["epochs_to_target"] for r in rs if r["epochs_to_target"] is not None]
-        out.append({
-            "experiment": exp, "variant": variant, "lr": lr, "runs": len(rs),
+        a = {
+            "experiment": exp, "variant": variant, "tag": tag, "lr": lr, "runs": len(rs),
+            "seeds": sorted((r["seed"] for r in rs), key=str),
+            "selected_on": "/".join(sorted({str(r.get("selected_on") or "test") for r in rs})),
             "diverged": sum(r["status"] == "diverged" for r in rs),
-            "best_val_err_mean": best_m, "best_val_err_std": best_s,
-            "final_val_err_mean": final_m, "final_val_err_std": final_s,
             "reached_target": len(reached),
             "epochs_to_target_mean": sum(reached) / len(reached) if reached else None,
-        })  # fmt: skip
+        }  # fmt: skip
+        for key in AGG_KEYS:
+            values = [r.get(key) for r in rs]
+            a[f"{key}_mean"], a[f"{key}_std"] = mean_std(values)
+            a[f"{key}_n"] = sum(_finite(v) for v in values)
+        out.append(a)
+    _mark_spread(out)
     return out
+
+
+def _mark_spread(agg: list[dict[str, Any]]) -> None:
+    """``best_in_group`` and ``within_spread`` per cell, among the cells of one experiment
+    and LR, on the mean test error at the selected epoch."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for a in agg:
+        groups[(a["experiment"], a["lr"])].append(a)
+    for cells in groups.values():
+        scored = [a for a in cells if _finite(a["test_err_at_best_mean"])]
+        best = min(scored, key=lambda a: a["test_err_at_best_mean"], default=None)
+        for a in cells:
+            a["best_in_group"] = a is best
+            a["within_spread"] = (
+                best is not None
+                and a is not best
+                and a in scored
+                and within_spread(
+                    (a["test_err_at_best_mean"], a["test_err_at_best_std"]),
+                    (best["test_err_at_best_mean"], best["test_err_at_best_std"]),
+                )
+            )
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
@@ -225,6 +284,7 @@ def plot_val_err(
 
     fig, (ax,) = figure(1, 1, (9, 4.8))
     fig.subplots_adjust(left=0.07, right=0.98, top=0.93, bottom=0.1)
+    held_out = all(row.get("select_split") == "val" for r in runs for row in r.epochs[:1])
     for variant, rs in _by_variant(runs).items():
         color = palette[variant]
         epochs, mean, lo, hi = _mean_curve(rs, "val_err")
@@ -236,6 +296,9 @@ def plot_val_err(
         t_epochs, t_mean, _, _ = _mean_curve(rs, "train_err")
         if t_epochs:
             ax.plot(t_epochs, t_mean, ":", color=color, linewidth=1.1)
+        if held_out:
+            s_epochs, s_mean, _, _ = _mean_curve(rs, "test_err")
+            ax.plot(s_epochs, s_mean, "--", color=color, linewidth=1.0)
         for r in rs:
             errs = r.val_errs()
             if r.status == "diverged":
@@ -243,7 +306,9 @@ def plot_val_err(
                 ax.plot([e], [100 * v if _finite(v) else 90.0], "x", color=color, markersize=9, markeredgewidth=2)  # fmt: skip
     if target is not None:
         ax.axhline(100 * target, color="black", linestyle="--", linewidth=0.8, label=f"target {100 * target:.1f}%")  # fmt: skip
-    ax.plot([], [], "k-", label="val (solid)")
+    ax.plot([], [], "k-", label="val hold-out (solid)" if held_out else "test (solid)")
+    if held_out:
+        ax.plot([], [], "k--", label="test (dashed)")
     ax.plot([], [], "k:", label="train (dotted)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
@@ -382,8 +447,10 @@ def plot_online(runs: list[Run], palette: dict[str, Any], path: Path) -> Path | 
 
 def _fmt(row: dict[str, Any], key: str) -> str:
     v = row.get(key)
-    if key.endswith("val_err") or key.endswith("val_err_mean"):
+    if key.endswith(("_err", "_err_mean", "err_at_best")):
         return _pct(v)
+    if key.endswith("_loss"):
+        return "-" if not _finite(v) else f"{v:.3f}"
     if key.endswith("_std"):
         return _pct(v) if v is not None else "-"
     if v is None:
@@ -395,9 +462,11 @@ def _fmt(row: dict[str, Any], key: str) -> str:
 
 SUMMARY_COLUMNS = (
     ("run", "run"), ("variant", "variant"), ("lr", "lr"), ("seed", "seed"),
-    ("status", "status"), ("best_val_err", "best val err"), ("best_epoch", "best epoch"),
-    ("final_val_err", "final val err"), ("epochs_to_target", "epochs to target"),
-    ("diverged_at_step", "diverged at step"),
+    ("status", "status"), ("selected_on", "selected on"),
+    ("best_val_err", "selection err (best)"), ("best_epoch", "best epoch"),
+    ("test_err_at_best", "test err at best epoch"), ("final_test_err", "test err, last epoch"),
+    ("final_train_err", "train err, last epoch"), ("final_ema_loss", "EMA loss, last step"),
+    ("epochs_to_target", "epochs to target"), ("diverged_at_step", "diverged at step"),
 )  # fmt: skip
 
 
@@ -410,21 +479,32 @@ def summary_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
 
 
 def variant_table(agg: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the per-variant-and-LR table (mean ± sample std over seeds)."""
-    header = ["variant", "lr", "runs", "diverged", "best val err", "final val err", "reached target", "mean epochs to target"]  # fmt: skip
+    """Header and cells of the per-cell table (variant, case, LR): mean ± sample std over
+    seeds, n; the test error at the epoch chosen on the selection split is marked (best) for
+    the best cell of its experiment and LR and (≈) where within the spread of the best."""
+    header = ["variant", "lr", "n", "diverged", "selected on", "selection err (best)",
+              "test err at best epoch", "test err, last epoch", "train err, last epoch",
+              "EMA loss, last step", "reached target", "mean epochs to target"]  # fmt: skip
+    if any(a.get("tag") for a in agg):
+        header.insert(1, "case")
     if any(a["experiment"] for a in agg):
         header.insert(0, "experiment")
     cells = []
     for a in agg:
 
-        def pm(m, s):
-            return _pct(m) + (f" ± {_pct(s)}" if s is not None else "")
+        def pm(key, pct=True, a=a):
+            m, s = a.get(f"{key}_mean"), a.get(f"{key}_std")
+            show = _pct if pct else (lambda v: "-" if not _finite(v) else f"{v:.3f}")
+            return show(m) + (f" ± {show(s)}" if s is not None else "")
 
+        mark = " (best)" if a.get("best_in_group") else " (≈)" if a.get("within_spread") else ""
         row = [a["variant"], _fmt(a, "lr"), str(a["runs"]), str(a["diverged"]),
-               pm(a["best_val_err_mean"], a["best_val_err_std"]),
-               pm(a["final_val_err_mean"], a["final_val_err_std"]),
+               a.get("selected_on", "test"), pm("best_val_err"), pm("test_err_at_best") + mark,
+               pm("final_test_err"), pm("final_train_err"), pm("final_ema_loss", pct=False),
                f"{a['reached_target']}/{a['runs']}",
                "-" if a["epochs_to_target_mean"] is None else f"{a['epochs_to_target_mean']:.1f}"]  # fmt: skip
+        if any(x.get("tag") for x in agg):
+            row.insert(1, a.get("tag") or "-")
         if any(x["experiment"] for x in agg):
             row.insert(0, a["experiment"])
         cells.append(row)
@@ -511,7 +591,7 @@ def build_report(
 
 _SECTIONS = (
     ("loss", "Training loss per step", "EMA of the per-step training loss (coefficient in the legend; faint lines are the raw loss). Dotted vertical lines mark the end of each epoch: the saw-tooth in the raw loss lines up with them."),
-    ("val_err", "Error per epoch", "Validation error (solid) and training error (dotted) per epoch, one line per variant; several seeds are averaged, with a min-max band."),
+    ("val_err", "Error per epoch", "Selection-split error (solid: the validation hold-out, or the test split for runs without one), test error (dashed, when there is a hold-out) and training error (dotted) per epoch, one line per variant; several seeds are averaged, with a min-max band on the solid line."),
     ("probes", "Probes: activations and gradients by depth", "Per-site activation mean and std, and the gradient norms of the weights before and after each site, at the first probed epoch (epoch 0 is the init, before any step) and the last."),
     ("online", "Online learning: accuracy against samples seen", "Prequential accuracy of batch-size-1 runs (each sample predicted before it is trained on): over a sliding window (solid) and over all samples seen so far (dotted). Runs that failed at batch 1 are listed in the legend."),
 )  # fmt: skip
@@ -524,7 +604,14 @@ _SECTIONS = (
 # folder (run names, messages, experiment names): each renderer escapes all of them.
 
 Span = str | tuple[str, ...]
-TEXT_COLUMNS = {"run", "variant", "experiment", "status"}  # left-aligned; the rest numbers
+TEXT_COLUMNS = {
+    "run",
+    "variant",
+    "experiment",
+    "status",
+    "case",
+    "selected on",
+}  # left-aligned; the rest numbers
 
 
 def _tables(report: dict[str, Any]) -> tuple[list[Span], tuple, tuple]:
@@ -553,7 +640,17 @@ def _page(report: dict[str, Any]) -> list[tuple]:
     blocks += [("h", 2, ["Summary"]), ("table", *runs_table)]
     blocks += [
         ("h", 2, ["By variant and learning rate"]),
-        ("p", ["Mean ± sample std over the runs (seeds) of each variant and LR."]),
+        (
+            "p",
+            [
+                "Mean ± sample std over the runs that differ only in seed (n of them). "
+                "Selection err: the error on the split the best epoch was chosen on (val: the "
+                "hold-out of the training split; test: folders without one). Test err at best "
+                "epoch: the test split at that epoch; (best): the lowest mean of its "
+                "experiment and LR; (≈): within the spread of it (|difference| < sqrt(std1² + "
+                "std2²)): not a ranking."
+            ],
+        ),
         ("table", *variants_table),
         ("h", 2, ["Diverged runs"]),
     ]

@@ -401,6 +401,55 @@ def inspect(targets: list[Target], *, epochs: bool = False) -> dict[str, Any]:
     return out
 
 
+def mean_std(values: list[Any]) -> tuple[float | None, float | None]:
+    """Mean and sample std (n - 1) of the finite numbers in ``values``; std None for n < 2."""
+    xs = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def within_spread(a: tuple[float, float | None], b: tuple[float, float | None]) -> bool:
+    """Whether two ``(mean, std)`` cells differ by less than their spread combined,
+    ``sqrt(std_a² + std_b²)``. Without a std (one seed) nothing is within: unknown spread."""
+    (ma, sa), (mb, sb) = a, b
+    if sa is None or sb is None:
+        return False
+    return abs(ma - mb) < math.sqrt(sa**2 + sb**2)
+
+
+def sawtooth(losses: dict[int, float], epoch_ends: list[int]) -> dict[str, float | None]:
+    """The saw-tooth of a per-step training loss, measured: the mean rise of the raw loss
+    across an epoch boundary (mean of the ``k`` steps after the boundary minus the ``k``
+    before, ``k`` an eighth of an epoch) and the same rise across the middle of each epoch,
+    where no boundary is. A saw-tooth made by epoch boundaries shows as ``boundary_rise``
+    above ``mid_rise``. ``losses`` maps the 1-based step to its loss."""
+    if len(epoch_ends) < 2:
+        return {"boundary_rise": None, "mid_rise": None, "sawtooth": None}
+    per_epoch = epoch_ends[1] - epoch_ends[0]
+    k = max(1, per_epoch // 8)
+
+    def rise(at: int) -> float | None:
+        before = [losses.get(s) for s in range(at - k + 1, at + 1)]
+        after = [losses.get(s) for s in range(at + 1, at + k + 1)]
+        if any(v is None or not math.isfinite(v) for v in before + after):
+            return None
+        return sum(after) / k - sum(before) / k
+
+    bounds = [r for r in (rise(e) for e in epoch_ends[:-1]) if r is not None]
+    mids = [r for r in (rise(e + per_epoch // 2) for e in epoch_ends[:-1]) if r is not None]
+    b = sum(bounds) / len(bounds) if bounds else None
+    m = sum(mids) / len(mids) if mids else None
+    return {
+        "boundary_rise": b,
+        "mid_rise": m,
+        "sawtooth": None if b is None or m is None else b - m,
+    }
+
+
 def jsonable(obj: Any) -> Any:
     """``obj`` with NaN/inf as ``None``, tensors as lists and paths as strings."""
     if isinstance(obj, float):
