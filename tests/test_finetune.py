@@ -203,3 +203,23 @@ def test_done_when_adapter_and_fold(tmp_path, capsys):
     with torch.no_grad():
         assert torch.allclose(plain(x), trained(x), atol=1e-5)
         assert trained(x).argmax(1).tolist() == plain(x).argmax(1).tolist()
+
+
+def test_resume_a_frozen_run_bit_exact(tmp_path):
+    """A ``--train-only`` run killed after step 2 and resumed ends where an unbroken one does."""
+    from surgeon.train import resume
+
+    kw = dict(
+        model="mlp", model_args={"hidden": (16,)}, data="sample", epochs=2, batch_size=50,
+        limit_train=100, limit_test=50, device="cpu", shift="channel", scale="channel",
+        train_only="ss,head", checkpoint_every=1,
+    )  # fmt: skip
+    Trainer(TrainConfig(**kw, name="a"), tmp_path / "a").run()
+    Trainer(TrainConfig(**kw, name="b"), tmp_path / "b", stop_at_step=2).run()
+    resume(tmp_path / "b")
+    a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    adapter = set(load_file(tmp_path / "b" / "adapter.safetensors"))
+    ss = {k for k in a if k.startswith("ss_")}
+    head = {k.rsplit(".", 1)[0] for k in adapter - ss}
+    assert ss <= adapter and len(adapter - ss) == 2 and len(head) == 1
