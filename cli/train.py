@@ -446,8 +446,9 @@ def _print_plan(configs: list[TrainConfig], folder: Path) -> None:
     table = Table(title=f"{len(configs)} run(s) into {folder}")
     cols = ("run", "model", "variant", "lr", "ss lr x", "seed", "epochs", "batch", "data",
             "classes", "augment", "final", "val split")  # fmt: skip
-    for col in cols:
-        table.add_column(col)
+    widest = max((len(c.name) for c in configs), default=3)
+    for col in cols:  # run names whole (tests and scripts grep them), the rest may wrap
+        table.add_column(col, no_wrap=col == "run", min_width=widest if col == "run" else None)
     for c in configs:
         table.add_row(
             c.name, _model_words(c), c.variant, f"{c.lr:g}", f"{c.ss_lr_mult:g}", str(c.seed),

@@ -211,7 +211,9 @@ def test_cifar100_torchvision_form(tmp_path, monkeypatch):
 
 
 def test_thesis_dry_run_shows_the_thesis_settings(capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "300")
+    from surgeon_cli import common
+
+    monkeypatch.setattr(common.console, "width", 300)  # one line per run
     try:
         main(["train", "--recipe", "thesis-1-c10-allconv", "--dry-run"])
     except SystemExit as exc:
