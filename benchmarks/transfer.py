@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--limit-train", type=int, default=None)
     ap.add_argument("--limit-test", type=int, default=None)
+    ap.add_argument("--base-limit-train", type=int, default=None, help="default: --limit-train")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--work", default="/tmp/transfer")
@@ -125,12 +126,13 @@ def main() -> None:
         augment=False, momentum=0.9, schedule="cosine", **limits,
     )  # fmt: skip
     t_start = time.perf_counter()
-    data_a = load_data(args.half_a, **limits)
+    base_limit = args.base_limit_train or args.limit_train
+    data_a = load_data(args.half_a, limit_train=base_limit, limit_test=args.limit_test)
     data_b = load_data(args.half_b, **limits)
     print(f"half A {data_a}\nhalf B {data_b}", flush=True)
     base_cfg = TrainConfig(
-        **common, shift="none", scale="none", epochs=args.base_epochs, lr=args.base_lr,
-        seed=0, name="base",
+        **{**common, "limit_train": base_limit}, shift="none", scale="none",
+        epochs=args.base_epochs, lr=args.base_lr, seed=0, name="base",
     )  # fmt: skip
     base = train_one(base_cfg, work / "base", data_a)
     base_file = work / "base" / "model.safetensors"
@@ -182,8 +184,15 @@ def write(args, rows, base, lrs, wall) -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
         + f", {os.cpu_count()} cores (1 thread used), torch {torch.__version__}",
         "model": args.model,
-        "base": {"epochs": args.base_epochs, "lr": args.base_lr, "val_acc": base["val_acc"]},
+        "base": {
+            "epochs": args.base_epochs,
+            "lr": args.base_lr,
+            "val_acc": base["val_acc"],
+            "train_images": args.base_limit_train or args.limit_train or "all",
+        },
         "epochs": args.epochs,
+        "train_images": args.limit_train or "all",
+        "test_images": args.limit_test or "all",
         "batch_size": args.batch_size,
         "wall_s": wall,
     }
@@ -195,7 +204,25 @@ def write(args, rows, base, lrs, wall) -> None:
         w.writeheader()
         for row in table:
             w.writerow({k: v for k, v in row.items() if k in w.fieldnames})
+    (out / f"{args.name}.md").write_text(markdown(table, meta))
     figure(args.name, table, meta)
+
+
+def markdown(table: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The table for docs/finetune.md."""
+    lines = [
+        "| method | LR | test acc. (mean ± std) | seeds | trainable | optimiser state | "
+        "adapter | step (median) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for t in table:
+        adapter = f"{t['adapter_bytes'] / 1e3:.1f} KB" if t["adapter_bytes"] else "-"
+        lines.append(
+            f"| {t['method']} | {t['lr']:g} | {100 * t['acc_mean']:.2f} ± {100 * t['acc_std']:.2f}% "
+            f"| {len(t['seeds'])} | {t['trainable_params']:,} ({t['trainable_pct']:.2f}%) "
+            f"| {t['opt_state_bytes'] / 1e3:,.1f} KB | {adapter} | {t['step_ms_median']:.0f} ms |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _argv() -> list[str]:
