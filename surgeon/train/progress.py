@@ -21,6 +21,7 @@ class Reporter:
         steps_per_epoch: int,
         start_epoch: int = 0,
         start_step: int = 0,
+        images_per_step: int = 0,
     ) -> None: ...
     def step(self, step: int, ema_loss: float, lr: float) -> None: ...
     def epoch(self, row: dict[str, Any]) -> None: ...
@@ -29,11 +30,15 @@ class Reporter:
 
 
 class PlainReporter(Reporter):
-    """One line per epoch (``--quiet`` or stdout not a terminal)."""
+    """One line per epoch, and within an epoch a line at most every ``every_s`` seconds
+    with the step, the EMA loss, images/s and the time left (``--quiet``, or stdout not a
+    terminal: nothing stays silent for long)."""
 
-    def __init__(self, console: Console | None = None) -> None:
+    def __init__(self, console: Console | None = None, every_s: float = 10.0) -> None:
         self.console = console or Console(highlight=False, width=160)
-        self.name, self.epochs = "", 0
+        self.name, self.epochs, self.every_s = "", 0, every_s
+        self.total = self.images_per_step = 0
+        self._mark: tuple[float, int] | None = None
 
     def start(
         self,
@@ -42,8 +47,31 @@ class PlainReporter(Reporter):
         steps_per_epoch: int,
         start_epoch: int = 0,
         start_step: int = 0,
+        images_per_step: int = 0,
     ) -> None:
         self.name, self.epochs = name, epochs
+        self.total, self.images_per_step = epochs * steps_per_epoch, images_per_step
+        self._mark = (time.monotonic(), start_step)
+
+    def step(self, step: int, ema_loss: float, lr: float) -> None:
+        if self._mark is None:
+            return
+        now = time.monotonic()
+        t0, s0 = self._mark
+        if now - t0 < self.every_s or step <= s0:
+            return
+        rate = (step - s0) / (now - t0)  # steps/s since the last line
+        self._mark = (now, step)
+        left = (self.total - step) / rate if rate > 0 and self.total else float("nan")
+        speed = (
+            f"{rate * self.images_per_step:.0f} img/s"
+            if self.images_per_step
+            else f"{rate:.2f} steps/s"
+        )
+        self.console.print(
+            f"{escape(f'[{self.name}]')} step {step}/{self.total} ema_loss {ema_loss:.4f} "
+            f"lr {lr:.3g} {speed} eta {_duration(left)}"
+        )
 
     def epoch(self, row: dict[str, Any]) -> None:
         self.console.print(
@@ -71,8 +99,9 @@ class RichReporter(PlainReporter):
         steps_per_epoch: int,
         start_epoch: int = 0,
         start_step: int = 0,
+        images_per_step: int = 0,
     ) -> None:
-        super().start(name, epochs, steps_per_epoch)
+        super().start(name, epochs, steps_per_epoch, start_epoch, start_step, images_per_step)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console,
@@ -100,7 +129,8 @@ class RichReporter(PlainReporter):
     def epoch(self, row: dict[str, Any]) -> None:
         if self.progress is None:
             return super().epoch(row)
-        self.progress.update(self.t_steps, completed=0)
+        last = row["epoch"] >= self.epochs  # the bar ends full, not at 0 of N drawn full
+        self.progress.update(self.t_steps, completed=self.steps_per_epoch if last else 0)
         self.progress.update(
             self.t_epochs,
             completed=row["epoch"],
@@ -118,6 +148,14 @@ class RichReporter(PlainReporter):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds or seconds < 0:  # nan: no rate yet
+        return "?"
+    m, s = divmod(int(seconds + 0.5), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def make_reporter(quiet: bool) -> Reporter:
