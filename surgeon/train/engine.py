@@ -494,7 +494,9 @@ class Trainer:
             torch.manual_seed(cfg.seed)
         st = self.state
         accum = cfg.accum_steps
-        self.reporter.start(cfg.name, cfg.epochs, self.steps_per_epoch, st.epoch, st.step)
+        self.reporter.start(
+            cfg.name, cfg.epochs, self.steps_per_epoch, st.epoch, st.step, cfg.batch_size
+        )
         for line in self.notices:
             self.reporter.message(escape(line))
         status, message, diverged_at = "ok", None, None
