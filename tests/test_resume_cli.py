@@ -1,0 +1,26 @@
+"""`surgeon train --resume`: a finished run says so; a grid's folder resumes every
+unfinished run inside it."""
+
+from __future__ import annotations
+
+import pytest
+
+from surgeon_cli.app import main
+
+pytestmark = pytest.mark.usefixtures("training_env")
+TINY = ["--model", "mlp", "--data", "sample", "--limit-train", "200", "--limit-test", "100",
+        "--device", "cpu", "--quiet"]  # fmt: skip
+
+
+def test_resume_of_finished_and_unfinished_runs(tmp_path, capsys) -> None:
+    out = tmp_path / "runs"
+    for name in ("a", "b"):
+        assert main(["train", *TINY, "--epochs", "1", "--out", str(out), "--name", name]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out / "a")]) == 0
+    assert "a: finished (1 epoch); nothing to do" in capsys.readouterr().out
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("epoch 2/2") == 2 and "nothing to do" not in text
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--resume", str(tmp_path / "empty")]) == 2  # no runs inside
