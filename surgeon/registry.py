@@ -1,21 +1,9 @@
-"""Registries of what the graph pass recognises: activation kinds and leaf modules.
-
-Activations come in three forms in an FX graph, and each has its own table:
-
-* modules (``call_module``): ``nn.ReLU``, timm's ``GELU``, ...; these are also made leaves
-  of the tracer so that a timm activation class shows up as one node, not its body;
-* functions (``call_function``): ``F.relu``, ``torch.sigmoid``, ...;
-* methods (``call_method``): ``x.relu()``, ``x.relu_()``, ...
-
-Each entry names a *kind*: ``activation`` for the usual ones, ``gate`` candidates for
-sigmoid-like ones (a gate only when its output multiplies features, decided by the pass),
-``softmax`` for the normalised-exponential family, and ``norm_act`` for fused norm +
-activation modules whose output is the activation's output. Users extend the tables with
-:func:`register_activation` and :func:`register_leaf_module`.
-
-timm's classes join the tables the first time a table is read after timm was imported
-(:func:`lookup_module`, :func:`leaf_modules`): a model that holds timm modules has imported
-timm, and ``import surgeon`` alone never does.
+"""Registries of what the graph pass recognises: activation modules, functions and Tensor
+methods (each with a kind: ``activation``, ``softmax``, a gate candidate), fused norm+act
+modules and leaf modules. Users extend them with :func:`register_activation`,
+:func:`register_norm_act` and :func:`register_leaf_module`; a module no table names counts
+if it applies exactly one activation (:func:`behaves_like_activation`). timm's and
+torchvision's classes join the tables once those libraries are imported. See docs/design.md.
 """
 
 from __future__ import annotations

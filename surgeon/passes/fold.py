@@ -1,22 +1,8 @@
-"""Folding shift/scale modules into the weights of an adjacent layer, where that is exact.
-
-``ShiftScale`` computes ``y = (x + b) * a = a * x + a * b``. It folds
-
-- into the *preceding* Linear, conv or affine BatchNorm when only Identity or Dropout
-  (scale only) lie in between and nothing else reads that layer's output:
-  ``W' = diag(a) W``, ``c' = a * c + a * b`` (BatchNorm: ``gamma' = a * gamma``,
-  ``beta' = a * beta + a * b``);
-- into every *following* Linear or conv when all its users are such layers, possibly behind
-  Identity, Dropout or Flatten: ``W' = W diag(a)``, ``c' = c + W (a * b)`` (a conv sums the
-  second term over kernel positions; grouped and depthwise convs use each output channel's
-  own group of inputs).
-
-A following conv with zero padding sees zeros at its borders, not ``b``: a shift is then not
-exact, but a scale is (``0 * a = 0``), so the scale folds and a shift-only module stays. A
-shift does not commute with dropout in train mode, so it never folds across one. What cannot
-fold stays in place; :class:`FoldReport` says which module went where and why the rest stayed.
-The decisions depend only on the graph and the modes, never on the values, so
-:func:`surgeon.load` replays the fold on the rebuilt model and then loads the weights.
+"""Folding shift/scale modules into the weights of an adjacent layer, where that is exact:
+into the preceding Linear/conv/affine BatchNorm, or into every following Linear/conv (a
+scale only before a zero-padded conv). What cannot fold stays, with its reason in the
+:class:`FoldReport`. The decisions depend only on the graph and the modes, so
+:func:`surgeon.load` replays a fold and then loads the weights. The algebra: docs/fold.md.
 """
 
 from __future__ import annotations

@@ -1,25 +1,7 @@
-"""Online learning: batch size 1, one pass over a stream, prequential evaluation.
-
-Each sample of the stream is first predicted, then trained on (test-then-train), so the
-accuracy over the samples seen so far measures a learner that never saw its test sample.
-The stream is a fixed, seeded order of the training split, read once; nothing is
-reshuffled. After the stream the model is tested on the test split in eval mode.
-
-Variants: the usual ones (``plain``, ``batchnorm``, ``shift-*``/``scale-*``) plus
-``batchnorm-frozen`` (BatchNorm kept in eval mode while the weights learn: running
-statistics frozen) and ``replace-norm`` (the batchnorm variant with every BatchNorm
-replaced by an equal channel shift/scale, see :mod:`surgeon.replace_norm`). A variant that
-fails at batch 1 (``BatchNorm1d`` on ``(1, C)`` in train mode raises "Expected more than 1
-value per channel when training") is recorded as a failed run with that message: the
-outcome, not an accident.
-
-With ``warm_start`` epochs, a batchnorm model is first trained with mini-batches on the
-training images that are not in the stream, and the BN variants continue from it online.
-
-A run folder holds what ``surgeon report`` reads: ``config.json``, ``metrics.jsonl`` (one
-``step`` row per sample with ``loss``, ``ema_loss``, ``lr``, ``online_acc`` (running
-prequential accuracy) and ``online_acc_window``; one ``epoch`` row at the end whose
-``val_err`` is the test error), ``summary.json`` and the model files.
+"""Online learning: batch size 1, one pass over a stream, prequential (test-then-train)
+evaluation, then the test split. Variants: the usual ones plus ``batchnorm-frozen`` and
+``replace-norm``; a variant that fails at batch 1 is recorded with its message. The run
+folder and the variants are described in docs/online.md.
 """
 
 from __future__ import annotations
