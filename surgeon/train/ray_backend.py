@@ -62,7 +62,7 @@ def run_ray(
     recipe_name: str = "",
     address: str | None = None,
     gpus_per_run: float = 0.0,
-    cpus_per_run: float = 1.0,
+    cpus_per_run: float | None = None,
     max_retries: int = MAX_RETRIES,
     on_done: Callable[[dict[str, Any]], None] | None = None,
     task_options: dict[str, Any] | None = None,
@@ -70,13 +70,18 @@ def run_ray(
     """Train ``configs`` as Ray tasks into ``out/<run name>/``; return their summaries in config
     order and keep ``results.json``/``results.csv`` up to date as runs finish.
 
-    ``task_options`` go to each task's ``.options()`` (e.g. a ``runtime_env``)."""
+    ``cpus_per_run`` is each task's CPU share and its torch threads; by default the threads a
+    local run uses here (``torch.get_num_threads()``, at most a node's CPUs), since on the CPU
+    a run's floats depend on its thread count: so the results equal the local runner's bit
+    for bit. ``task_options`` go to each task's ``.options()`` (e.g. a ``runtime_env``)."""
     from .runner import _failed, write_results
 
     ray = require_ray()
     out = out.resolve()  # the workers' working directory is not ours
     out.mkdir(parents=True, exist_ok=True)
     started = connect(address)
+    if cpus_per_run is None:
+        cpus_per_run = _local_threads(ray)
     task = ray.remote(_run_task).options(
         num_cpus=cpus_per_run,
         num_gpus=gpus_per_run,
@@ -115,6 +120,15 @@ def run_ray(
         if started:
             ray.shutdown()
     return [results[i] for i in range(len(configs))]
+
+
+def _local_threads(ray: Any) -> float:
+    """The torch threads of a run in this process, capped by the largest node's CPUs (a task
+    that asks for more than any node has would never start)."""
+    import torch
+
+    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return float(max(min(torch.get_num_threads(), max(node_cpus, default=1)), 1))
 
 
 def _wait_cancelled(ray: Any, refs: list[Any], timeout_s: float = 30.0) -> None:
