@@ -282,7 +282,7 @@ def _train(
     ray: dict[str, Any] | None = None,
 ) -> int:
     """Run what the command asks; returns the exit code (3: a single run diverged)."""
-    from surgeon.train import load_recipe, resume, run_configs
+    from surgeon.train import load_recipe, run_configs
     from surgeon.train.progress import make_reporter
 
     reporter = lambda: make_reporter(quiet)  # noqa: E731
@@ -298,9 +298,10 @@ def _train(
                 f"--resume uses the run's saved config; cannot change {', '.join(changed)}",
                 hint="only --epochs and --device may be given with --resume",
             )
-        summary = resume(resume_run, reporter=reporter(), overrides=overrides)
-        _print_table([summary])
-        return _diverged(summary)
+        summaries = _resume_all(resume_run, overrides, reporter)
+        if summaries:
+            _print_table(summaries)
+        return max((_diverged(x) for x in summaries), default=0)
     if config is not None:
         if recipe is not None:
             raise TrainError(
@@ -482,9 +483,7 @@ def _print_table(results: list[dict[str, Any]]) -> None:
     table = Table(title="results")
     for col in ("variant", "lr", "seed", "final val err", "best val err", "best epoch", "status"):
         table.add_column(col)
-    for r in sorted(
-        results, key=lambda r: (r.get("lr") or 0, r.get("variant") or "", r.get("seed") or 0)
-    ):
+    for r in results:  # in the order the runs were given: the recipe's
         status = (
             r["status"]
             if r["status"] != "diverged"
@@ -495,3 +494,41 @@ def _print_table(results: list[dict[str, Any]]) -> None:
             _fmt(r.get("final_val_err")), _fmt(r.get("best_val_err")), str(r.get("best_epoch") or "-"), status,
         )  # fmt: skip
     console.print(table)
+
+
+def _epochs(n) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
+def _resume_all(folder: Path, overrides: dict[str, Any], reporter) -> list[dict[str, Any]]:
+    """``--resume``: one run folder, or every unfinished run under a grid's folder; a run
+    that has nothing left to do says so instead of resuming."""
+    from surgeon import rundir
+    from surgeon.train import resume
+
+    if (folder / rundir.CONFIG_FILE).is_file():
+        runs = [folder]
+    else:
+        runs = [run for run, _ in rundir.iter_runs(folder)] if folder.is_dir() else []
+        if not runs:
+            raise TrainError(
+                f"{folder} is not a run folder and holds no runs",
+                hint="pass a run folder, or the folder of a recipe's grid",
+            )
+    summaries = []
+    for run in runs:
+        summary = rundir.read_summary(run, TrainError)
+        cfg = rundir.read_config(run, TrainError)
+        epochs = overrides.get("epochs", cfg.get("epochs"))
+        if (
+            summary is not None
+            and summary.get("status") == "ok"
+            and summary.get("epochs_run", 0) >= epochs
+        ):
+            console.print(
+                f"{escape(run.name)}: finished ({_epochs(summary.get('epochs_run'))}); "
+                "nothing to do (give --epochs N to train it further)"
+            )
+            continue
+        summaries.append(resume(run, reporter=reporter(), overrides=overrides))
+    return summaries
