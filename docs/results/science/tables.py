@@ -1,0 +1,125 @@
+"""The tables of docs/reproduction.md, from the committed report.json files.
+
+    python docs/results/science/tables.py
+
+Every cell is mean ± sample std over the seeds (n) of the test error at the epoch chosen on
+the validation hold-out, as `surgeon report` computed it; (best) and (≈) as in its table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def pct(m, s, digits=1):
+    if m is None:
+        return "-"
+    return f"{100 * m:.{digits}f}" + (f" ± {100 * s:.{digits}f}" if s is not None else "")
+
+
+def fmt(key, m, s):
+    if key.endswith(("_err", "err_at_best")):
+        return pct(m, s)
+    return "-" if m is None else f"{m:.3f}" + (f" ± {s:.3f}" if s is not None else "")
+
+
+def cells(recipe: str) -> list[dict]:
+    return json.loads((HERE / recipe / "report.json").read_text())["variants"]
+
+
+def grid(recipe: str, key: str = "test_err_at_best") -> str:
+    agg = cells(recipe)
+    lrs = sorted({a["lr"] for a in agg})
+    rows = {}
+    for a in agg:
+        label = a["variant"] + (f" [{a['tag']}]" if a["tag"] else "")
+        mark = " (best)" if a.get("best_in_group") and key == "test_err_at_best" else ""
+        mark = mark or (" (≈)" if a.get("within_spread") and key == "test_err_at_best" else "")
+        div = f", {a['diverged']} div." if a["diverged"] else ""
+        rows.setdefault(label, {})[a["lr"]] = (
+            fmt(key, a[f"{key}_mean"], a[f"{key}_std"]) + mark + f" (n={a[f'{key}_n']}{div})"
+        )
+    out = ["| variant | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |"]
+    out.append("|---|" + "---:|" * len(lrs))
+    for label, by_lr in rows.items():
+        out.append(f"| {label} | " + " | ".join(by_lr.get(lr, "-") for lr in lrs) + " |")
+    return "\n".join(out)
+
+
+def numbers(recipe: str, keys: tuple[str, ...]) -> str:
+    out = ["| variant | case | lr | n | " + " | ".join(keys) + " |"]
+    out.append("|---|---|---:|---:|" + "---:|" * len(keys))
+    for a in cells(recipe):
+        vals = []
+        for k in keys:
+            m, s = a[f"{k}_mean"], a[f"{k}_std"]
+            if k.endswith(("_err", "err_at_best")):
+                vals.append(pct(m, s))
+            else:
+                vals.append("-" if m is None else f"{m:.3f}" + (f" ± {s:.3f}" if s else ""))
+        out.append(
+            f"| {a['variant']} | {a['tag'] or '-'} | {a['lr']:g} | {a['runs']} | "
+            + " | ".join(vals)
+            + " |"
+        )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    for recipe in ("repro-cpu-mlp", "repro-cpu-mlp-dropout"):
+        if (HERE / recipe / "report.json").is_file():
+            for key in ("test_err_at_best", "final_test_err", "final_train_err", "final_ema_loss"):
+                print(f"\n### {recipe}: {key}\n\n{grid(recipe, key)}")
+    for recipe in ("q-collapse-mlp", "q-ablation-mlp"):
+        if (HERE / recipe / "report.json").is_file():
+            print(
+                f"\n### {recipe}\n\n"
+                + numbers(
+                    recipe,
+                    ("test_err_at_best", "final_test_err", "final_train_err", "final_ema_loss"),
+                )
+            )
+    if (HERE / "q-sawtooth-mlp" / "report.json").is_file():
+        print(
+            "\n### q-sawtooth-mlp\n\n"
+            + numbers(
+                "q-sawtooth-mlp", ("boundary_rise", "mid_rise", "sawtooth", "test_err_at_best")
+            )
+        )
+
+
+def trajectories(prefix: str, epochs: tuple[int, ...] = (0, 1, 2, 8)) -> str:
+    """Layer-wise scale and shift per site after the given epochs: mean ± std over seeds,
+    per case tag (from snapshots.json)."""
+    snaps = json.loads((HERE / "snapshots.json").read_text())
+    by_case: dict[str, dict[str, list[list[float]]]] = {}
+    for key, run in snaps.items():
+        if key == "throughput" or not key.startswith(prefix + "/"):
+            continue
+        case = by_case.setdefault(run["config"]["tag"] or run["config"]["variant"], {})
+        for param, values in run["values"].items():
+            case.setdefault(param, []).append(values)
+    out = ["| case | parameter | " + " | ".join(f"epoch {e}" for e in epochs) + " |"]
+    out.append("|---|---|" + "---:|" * len(epochs))
+    for case, params in by_case.items():
+        for param, runs in sorted(params.items()):
+            cells = []
+            for e in epochs:
+                vals = [r[e] for r in runs if len(r) > e]
+                m = sum(vals) / len(vals)
+                s = (
+                    (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+                    if len(vals) > 1
+                    else None
+                )
+                cells.append(f"{m:.3f}" + (f" ± {s:.3f}" if s is not None else ""))
+            out.append(f"| {case} | {param} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__" and (HERE / "snapshots.json").is_file():
+    for prefix in ("q-collapse-mlp", "q-ablation-mlp"):
+        print(f"\n### {prefix}: shift/scale values (snapshots)\n\n{trajectories(prefix)}")
