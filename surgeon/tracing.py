@@ -247,14 +247,42 @@ def _trace_with_replays(
     return graph, dependent, dropouts
 
 
+def _library_of(filename: str) -> str | None:
+    """The installed package a file belongs to (``transformers``), or None for the user's
+    own code."""
+    parts = os.path.abspath(filename).split(os.sep)
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts[:-1]:
+            return parts[parts.index(marker) + 1].removesuffix(".py")
+    return None
+
+
 def _trace_error(model: nn.Module, exc: BaseException) -> TraceError:
     text = str(exc).strip()
     reason = text.splitlines()[0] if text else type(exc).__name__
     where = _user_frame(exc)
-    loc = f" at {where}" if where else ""
+    library = _library_of(where.rpartition(":")[0]) if where else None
+    if library is None:
+        loc = f" at {where}" if where else ""
+        return TraceError(
+            f"cannot trace {type(model).__name__} with torch.fx{loc}: {reason}",
+            hint="mark the module that does data-dependent control flow as a leaf with --leaf ClassName, or insert at module level with --fallback auto",
+        )
+    skip = _package_dirs()
+    own = [
+        f"{fr.filename}:{fr.lineno}"
+        for fr in traceback.extract_tb(exc.__traceback__)
+        if not fr.filename.startswith("<")
+        and not os.path.abspath(fr.filename).startswith(skip)
+        and _library_of(fr.filename) is None
+    ]
+    via = f" (reached from {own[-1]})" if own else ""
     return TraceError(
-        f"cannot trace {type(model).__name__} with torch.fx{loc}: {reason}",
-        hint="mark the module that does data-dependent control flow as a leaf with --leaf ClassName, or insert at module level with --fallback auto",
+        f"cannot trace {type(model).__name__} with torch.fx: inside {library} at {where}{via}: "
+        f"{reason}",
+        hint=f"the failure is in the code of {library}, not yours: --fallback auto inserts after "
+        f"its activation modules instead, or mark the {library} module that fails as a leaf "
+        "with --leaf ClassName",
     )
 
 

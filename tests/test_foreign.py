@@ -102,3 +102,10 @@ def test_transformers_vision_models(build, gelus) -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(_logits(gm.eval()(x)), _logits(model(x)))
+
+
+def test_a_trace_failing_inside_a_library_names_it() -> None:
+    with pytest.raises(surgeon.SurgeonError) as exc:
+        surgeon.insert(_vit().eval(), input_size=[3, 32, 32], fallback="never")
+    assert "inside transformers at " in exc.value.message
+    assert "code of transformers, not yours" in exc.value.hint
