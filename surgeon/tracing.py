@@ -96,6 +96,8 @@ class SurgeonTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, (ShiftScale, *self.leaf_types)):
             return True
+        if registry.behaves_like_activation(m) is not None:  # one node, like nn.GELU
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
 
