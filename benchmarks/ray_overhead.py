@@ -4,7 +4,8 @@ Two measurements, written to ``benchmarks/results/ray_overhead.json``:
 
 - ``cli``: wall time of ``surgeon train --recipe R2 ...`` (two runs of the quick recipe) locally
   (one after the other) and with ``--backend ray`` (a local Ray instance started and stopped
-  by the command, the two runs side by side, one core each);
+  by the command; by default each run takes a local run's threads, so on 2 cores the runs go
+  one after the other; with ``--cpus-per-run 1`` side by side, one core each);
 - ``per_run``: one run at a time on a warm local Ray instance (``ray.init(num_cpus=2)``), one
   thread, against the same run in-process with one thread: the first task pays for a new
   worker process (import torch), the later ones reuse it.
@@ -71,12 +72,15 @@ def main() -> None:
     load = os.getloadavg()
     cli_local = _cli([*common, "--out", str(tmp / "local")])
     cli_ray = _cli([*common, "--backend", "ray", "--out", str(tmp / "ray")])
+    cli_ray1 = _cli(
+        [*common, "--backend", "ray", "--cpus-per-run", "1", "--out", str(tmp / "ray1")]
+    )
     errs = {
         where: {
             r["name"]: r["final_val_err"]
             for r in json.loads((tmp / where / "quick2" / "results.json").read_text())["runs"]
         }
-        for where in ("local", "ray")
+        for where in ("local", "ray", "ray1")
     }
 
     torch.set_num_threads(1)
@@ -111,7 +115,9 @@ def main() -> None:
             + " ".join(common[2:]) + " [--backend ray]",
             "local_s": round(cli_local, 2), "ray_s": round(cli_ray, 2),
             "ray_minus_local_s": round(cli_ray - cli_local, 2),
+            "ray_cpus_per_run_1_s": round(cli_ray1, 2),
             "val_err": errs["local"], "same_val_err": errs["local"] == errs["ray"],
+            "val_err_cpus_per_run_1": errs["ray1"],
         },
         "per_run": {
             "in_process_s": [round(x, 2) for x in local],
