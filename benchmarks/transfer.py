@@ -6,7 +6,8 @@ move it to classes 5-9 four ways, over several seeds:
   and the classifier (``--train-only ss,head``);
 - ``ssf+head``: per-channel shift/scale after every linear/conv/norm layer (SSF's
   placement, ``--placement ssf``) and the classifier;
-- ``full``: every weight fine-tunes from the base.
+- ``full``: every weight fine-tunes from the base;
+- ``scratch``: the reference, every weight trained from a seeded init (no base).
 
 Each row: final test accuracy (mean +- std over seeds), trainable parameters, the optimiser's
 state (SGD momentum buffers, bytes, read from ``optimizer.state``), adapter size, and the
@@ -48,6 +49,8 @@ METHODS: dict[str, dict[str, Any]] = {
         "placement": "ssf",
     },  # fmt: skip
     "full": {"train_only": "", "shift": "none", "scale": "none"},
+    # the reference: no base at all, every weight from a seeded init
+    "scratch": {"train_only": "", "shift": "none", "scale": "none", "init_from": None},
 }
 
 
@@ -111,12 +114,16 @@ def main() -> None:
     ap.add_argument("--limit-test", type=int, default=None)
     ap.add_argument("--base-limit-train", type=int, default=None, help="default: --limit-train")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--work", default="/tmp/transfer")
     ap.add_argument("--name", default="transfer_mlp")
+    ap.add_argument(
+        "--time-steps", type=int, default=0,
+        help="then time N steps of each method, interleaved in one process (step_ms_clean)",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
-    lrs = {"probe": 0.05, "ss-act+head": 0.05, "ssf+head": 0.05, "full": 0.01}
+    lrs = {"probe": 0.05, "ss-act+head": 0.05, "ssf+head": 0.05, "full": 0.01, "scratch": 0.02}
     lrs.update({k: float(v) for k, v in (x.split("=", 1) for x in args.lr)})
     margs = {k: json.loads(v) for k, v in (x.split("=", 1) for x in args.model_arg)}
     work = Path(args.work) / args.name
@@ -137,13 +144,15 @@ def main() -> None:
     base = train_one(base_cfg, work / "base", data_a)
     base_file = work / "base" / "model.safetensors"
     print(f"base: acc {base['val_acc']:.4f} on classes A, {base['wall_s']:.0f} s", flush=True)
-    rows = []
+    rows, cfgs = [], {}
     for method in args.methods:
         for seed in args.seeds:
+            kw = {**common, "init_from": str(base_file), **METHODS[method]}
             cfg = TrainConfig(
-                **common, **METHODS[method], epochs=args.epochs, lr=lrs[method], seed=seed,
-                ss_lr_mult=1.0, init_from=str(base_file), name=f"{method}_s{seed}",
+                **kw, epochs=args.epochs, lr=lrs[method], seed=seed, ss_lr_mult=1.0,
+                name=f"{method}_s{seed}",
             )  # fmt: skip
+            cfgs.setdefault(method, cfg)
             r = train_one(cfg, work / cfg.name, data_b)
             r["method"] = method
             rows.append(r)
@@ -155,6 +164,30 @@ def main() -> None:
                 flush=True,
             )
             write(args, rows, base, lrs, time.perf_counter() - t_start)
+    if args.time_steps:
+        clean = time_steps(cfgs, data_b, args.time_steps, work / "timing")
+        for r in rows:
+            r["step_ms_clean"] = clean[r["method"]]
+        write(args, rows, base, lrs, time.perf_counter() - t_start)
+
+
+def time_steps(cfgs: dict[str, TrainConfig], data, n: int, work: Path) -> dict[str, float]:
+    """Median ms per optimiser step of each method on one fixed batch: 5 rounds of ``n``
+    steps, the methods interleaved in each round, so that a load from elsewhere on the
+    machine hits them all alike."""
+    trainers = {m: Trainer(c, work / m, data=data) for m, c in cfgs.items()}
+    batches = {m: next(iter(t.train_loader)) for m, t in trainers.items()}
+    times: dict[str, list[float]] = {m: [] for m in trainers}
+    for rnd in range(6):
+        for m, t in trainers.items():
+            t0 = time.perf_counter()
+            for _ in range(n if rnd else 2):  # round 0: warm-up
+                t._train_step([batches[m]])
+            if rnd:
+                times[m].append(1000 * (time.perf_counter() - t0) / n)
+    out = {m: statistics.median(v) for m, v in times.items()}
+    print("step ms (interleaved):", {m: round(v, 1) for m, v in out.items()}, flush=True)
+    return out
 
 
 def write(args, rows, base, lrs, wall) -> None:
@@ -177,6 +210,7 @@ def write(args, rows, base, lrs, wall) -> None:
                 "adapter_bytes": rs[0]["adapter_bytes"],
                 "model_bytes": rs[0]["model_bytes"],
                 "step_ms_median": statistics.median(r["step_ms"] for r in rs),
+                "step_ms_clean": rs[0].get("step_ms_clean"),
             }
         )
     meta = {
@@ -212,15 +246,16 @@ def markdown(table: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The table for docs/finetune.md."""
     lines = [
         "| method | LR | test acc. (mean ± std) | seeds | trainable | optimiser state | "
-        "adapter | step (median) |",
-        "|---|---|---|---|---|---|---|---|",
+        "adapter | step in training (median) | step, interleaved |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for t in table:
         adapter = f"{t['adapter_bytes'] / 1e3:.1f} KB" if t["adapter_bytes"] else "-"
         lines.append(
             f"| {t['method']} | {t['lr']:g} | {100 * t['acc_mean']:.2f} ± {100 * t['acc_std']:.2f}% "
             f"| {len(t['seeds'])} | {t['trainable_params']:,} ({t['trainable_pct']:.2f}%) "
-            f"| {t['opt_state_bytes'] / 1e3:,.1f} KB | {adapter} | {t['step_ms_median']:.0f} ms |"
+            f"| {t['opt_state_bytes'] / 1e3:,.1f} KB | {adapter} | {t['step_ms_median']:.0f} ms "
+            f"| {_ms(t['step_ms_clean'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -255,6 +290,10 @@ def figure(name: str, table: list[dict[str, Any]], meta: dict[str, Any]) -> None
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / f"{name}.png", dpi=110)
     plt.close(fig)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f} ms"
 
 
 if __name__ == "__main__":
