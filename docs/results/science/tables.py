@@ -91,7 +91,7 @@ if __name__ == "__main__":
         )
 
 
-def trajectories(prefix: str, epochs: tuple[int, ...] = (0, 1, 2, 8)) -> str:
+def trajectories(prefix: str, epochs: tuple[int, ...] = (0, 1, 2, 8), variant: str = "") -> str:
     """Layer-wise scale and shift per site after the given epochs: mean ± std over seeds,
     per case tag (from snapshots.json)."""
     snaps = json.loads((HERE / "snapshots.json").read_text())
@@ -99,7 +99,10 @@ def trajectories(prefix: str, epochs: tuple[int, ...] = (0, 1, 2, 8)) -> str:
     for key, run in snaps.items():
         if key == "throughput" or not key.startswith(prefix + "/"):
             continue
-        case = by_case.setdefault(run["config"]["tag"] or run["config"]["variant"], {})
+        c = run["config"]
+        if variant and c["variant"] != variant:
+            continue
+        case = by_case.setdefault(f"{c['tag'] or c['variant']}, lr {c['lr']:g}", {})
         for param, values in run["values"].items():
             case.setdefault(param, []).append(values)
     out = ["| case | parameter | " + " | ".join(f"epoch {e}" for e in epochs) + " |"]
@@ -123,3 +126,6 @@ def trajectories(prefix: str, epochs: tuple[int, ...] = (0, 1, 2, 8)) -> str:
 if __name__ == "__main__" and (HERE / "snapshots.json").is_file():
     for prefix in ("q-collapse-mlp", "q-ablation-mlp"):
         print(f"\n### {prefix}: shift/scale values (snapshots)\n\n{trajectories(prefix)}")
+    for prefix in ("repro-cpu-mlp", "repro-cpu-mlp-dropout"):
+        table = trajectories(prefix, variant="shift-layer+scale-layer")
+        print(f"\n### {prefix}: layer-wise shift+scale values (snapshots)\n\n{table}")
