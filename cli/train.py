@@ -146,10 +146,21 @@ def train_command(
         bool,
         Opt("--dry-run", help="list the runs without training", rich_help_panel=LAUNCH),
     ] = False,
+    trust_code: Annotated[
+        bool,
+        Opt(
+            "--trust-code",
+            help="with --resume or --config: allow the run's config to build its model from "
+            "the .py file it names",
+            rich_help_panel=LAUNCH,
+        ),
+    ] = False,
     **fields: Any,
 ) -> None:
     """Train the variants (plain, batchnorm, shift/scale) with the thesis's recipes."""
     from surgeon.train import distributed
+
+    _check_trust(resume_run, config, trust_code)
 
     overrides = {k: v for k, v in fields.items() if _given(ctx, k)}
     name = overrides.pop("name", None)
@@ -532,3 +543,32 @@ def _resume_all(folder: Path, overrides: dict[str, Any], reporter) -> list[dict[
             continue
         summaries.append(resume(run, reporter=reporter(), overrides=overrides))
     return summaries
+
+
+def _check_trust(resume_run: Path | None, config: Path | None, trust_code: bool) -> None:
+    """A config written elsewhere (a run folder's, or --config) that builds its model from a
+    .py file runs that file: only with --trust-code. A model file named on the command line
+    is the user's own and trusted."""
+    if trust_code:
+        return
+    from surgeon import rundir
+    from surgeon.trust import is_code_spec
+
+    files: list[Path] = []
+    if config is not None:
+        files.append(config)
+    if resume_run is not None:
+        if (resume_run / rundir.CONFIG_FILE).is_file():
+            files.append(resume_run / rundir.CONFIG_FILE)
+        elif resume_run.is_dir():
+            files += [run / rundir.CONFIG_FILE for run, _ in rundir.iter_runs(resume_run)]
+    for path in files:
+        try:
+            spec = json.loads(path.read_text()).get("model", "")
+        except (OSError, ValueError, AttributeError):
+            continue  # the reader of that file gives the one-line error
+        if isinstance(spec, str) and is_code_spec(spec):
+            raise TrainError(
+                f"{path} builds its model from {spec}; running it would run that file",
+                hint="pass --trust-code if you trust it",
+            )

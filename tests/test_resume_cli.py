@@ -24,3 +24,20 @@ def test_resume_of_finished_and_unfinished_runs(tmp_path, capsys) -> None:
     assert text.count("epoch 2/2") == 2 and "nothing to do" not in text
     (tmp_path / "empty").mkdir()
     assert main(["train", "--resume", str(tmp_path / "empty")]) == 2  # no runs inside
+
+
+def test_resuming_a_run_built_from_a_model_file_needs_trust(tmp_path, capsys, monkeypatch) -> None:
+    (tmp_path / "tiny.py").write_text(
+        "from torch import nn\n\n\nclass Net(nn.Module):\n"
+        "    def __init__(self, num_classes=10):\n        super().__init__()\n"
+        "        self.fc = nn.Linear(3 * 32 * 32, num_classes)\n\n"
+        "    def forward(self, x):\n        return self.fc(x.flatten(1))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    args = ["train", *TINY, "--model", "tiny.py", "--batch-size", "50", "--epochs", "1"]
+    assert main([*args, "--out", "runs", "--name", "t"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "runs/t", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "builds its model from tiny.py" in err and "--trust-code" in err
+    assert main(["train", "--resume", "runs/t", "--epochs", "2", "--trust-code", "--quiet"]) == 0
