@@ -357,9 +357,10 @@ def _train(
         try:
             results = run_ray(configs, folder, recipe_name=recipe_name, on_done=_done_line, **ray)
         except GridInterrupted as exc:
+            rows = f"; their rows are in {folder / rundir.RESULTS_FILE}" if exc.done else ""
             print(
-                f"interrupted: {exc.cancelled} Ray task(s) cancelled, {exc.done} run(s) finished; "
-                f"their rows are in {folder / rundir.RESULTS_FILE}",
+                f"interrupted: {exc.cancelled} Ray task(s) cancelled (each run's last checkpoint "
+                f"is intact), {exc.done} run(s) finished{rows}",
                 file=sys.stderr,
             )
             return 130
