@@ -259,13 +259,14 @@ def first_that_runs(
     ) from exc
 
 
+def record_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], kind: str) -> None:
+    """One run of ``gm`` that stores each node's tensor metadata (shape rules on meta)."""
+    _ShapeRecorder(gm, rules=kind == "meta" and _fx_fast.on("rules")).run(*inputs)
+
+
 def propagate(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
     """Fill ``node.meta['tensor_meta']`` for every node: meta, then fake, then real tensors."""
-
-    def run(module: fx.GraphModule, inputs: Sequence[torch.Tensor], kind: str) -> None:
-        _ShapeRecorder(module, rules=kind == "meta" and _fx_fast.on("rules")).run(*inputs)
-
-    first_that_runs(gm, example_inputs, run, "shape propagation")
+    first_that_runs(gm, example_inputs, record_shapes, "shape propagation")
 
 
 def _target_name(node: fx.Node) -> str:

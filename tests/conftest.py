@@ -145,3 +145,14 @@ def _params_without_grad(gm: nn.Module, *inputs: torch.Tensor) -> list[str]:
 def params_without_grad() -> Callable[..., list[str]]:
     """``params_without_grad(gm, *inputs)``: inserted parameters that get no gradient."""
     return _params_without_grad
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    """The fast path on, whatever ``SURGEON_FAST`` says (skipped where this torch has none)."""
+    from surgeon import _fx_fast
+
+    if _fx_fast.why_off():
+        pytest.skip(_fx_fast.why_off())
+    monkeypatch.setenv("SURGEON_FAST", "1")
+    monkeypatch.delenv("SURGEON_FAST_SKIP", raising=False)

@@ -14,15 +14,6 @@ from surgeon.tracing import SurgeonTracer
 
 
 @pytest.fixture
-def fast(monkeypatch):
-    """The fast path on, whatever ``SURGEON_FAST`` says (skipped where this torch has none)."""
-    if _fx_fast.why_off():
-        pytest.skip(_fx_fast.why_off())
-    monkeypatch.setenv("SURGEON_FAST", "1")
-    monkeypatch.delenv("SURGEON_FAST_SKIP", raising=False)
-
-
-@pytest.fixture
 def traces(monkeypatch):
     """The number of whole-model traces."""
     calls = []

@@ -17,19 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from surgeon import _fast_shapes as rules
-from surgeon import _fx_fast, shapes
+from surgeon import shapes
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.int64, torch.bool]
 sizes = st.lists(st.integers(1, 3), min_size=0, max_size=4)
-
-
-@pytest.fixture
-def fast(monkeypatch):
-    """The fast path on, whatever ``SURGEON_FAST`` says (skipped where this torch has none)."""
-    if _fx_fast.why_off():
-        pytest.skip(_fx_fast.why_off())
-    monkeypatch.setenv("SURGEON_FAST", "1")
-    monkeypatch.delenv("SURGEON_FAST_SKIP", raising=False)
 
 
 def _tensor(shape, dtype=torch.float32):
@@ -283,14 +274,14 @@ def test_rules_apply_inside_leaf_modules(monkeypatch, fast):
         ScaledStdConv2dSame(3, 8, 3, stride=2, padding="same"), torch.nn.GELU()
     ).eval()
     real = tracing.trace(model)
-    shapes._on_real(real, (torch.randn(2, 3, 9, 7),))
+    shapes._on_real(real, (torch.randn(2, 3, 9, 7),), shapes.record_shapes)
     meta = tracing.trace(model.to("meta"))
     seen = []
     rule = rules._TORCH_FUNCTION_RULES[F.batch_norm]
     monkeypatch.setitem(
         rules._TORCH_FUNCTION_RULES, F.batch_norm, lambda *a, **k: seen.append(1) or rule(*a, **k)
     )
-    shapes._on_meta(meta, (torch.randn(2, 3, 9, 7),))
+    shapes._on_meta(meta, (torch.randn(2, 3, 9, 7),), shapes.record_shapes)
     assert seen == [1]
     got = [shapes.node_shape(n) for n in meta.graph.nodes]
     assert got == [shapes.node_shape(n) for n in real.graph.nodes]

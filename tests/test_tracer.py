@@ -7,19 +7,9 @@ import pytest
 import torch
 from torch import fx, nn
 
-from surgeon import _fx_fast
 from surgeon.tracing import SurgeonTracer, _FastTracer
 
 TRACERS = pytest.mark.parametrize("tracer", [SurgeonTracer, _FastTracer], ids=["plain", "fast"])
-
-
-@pytest.fixture
-def fast(monkeypatch):
-    """The fast path on, whatever ``SURGEON_FAST`` says (skipped where this torch has none)."""
-    if _fx_fast.why_off():
-        pytest.skip(_fx_fast.why_off())
-    monkeypatch.setenv("SURGEON_FAST", "1")
-    monkeypatch.delenv("SURGEON_FAST_SKIP", raising=False)
 
 
 class Tied(nn.Module):
@@ -134,11 +124,11 @@ def test_recurrent_layers_propagate_on_meta_with_real_shapes(rnn, monkeypatch):
     calls = []
     run = shapes._on_cpu_zeros
     monkeypatch.setattr(shapes, "_on_cpu_zeros", lambda m, *a: calls.append(m) or run(m, *a))
-    shapes._on_meta(gm, (torch.randn(2, 7, 6),))
+    shapes._on_meta(gm, (torch.randn(2, 7, 6),), shapes.record_shapes)
     assert calls == [gm.rnn]
     got = {n.name: shapes.node_shape(n) for n in gm.graph.nodes}
     gm_real = tracing.trace(model)
-    shapes._on_real(gm_real, (torch.randn(2, 7, 6),))
+    shapes._on_real(gm_real, (torch.randn(2, 7, 6),), shapes.record_shapes)
     want = {n.name: shapes.node_shape(n) for n in gm_real.graph.nodes}
     assert got == want and got["rnn"] is None  # a tuple output has no single shape
     getitem = next(n for n in gm.graph.nodes if n.op == "call_function" and n.args[0].name == "rnn")
@@ -193,11 +183,11 @@ def test_norm_layers_skip_their_meta_kernels_with_the_same_metadata(
         }
 
     real = tracing.trace(model)
-    shapes._on_real(real, (x,))
+    shapes._on_real(real, (x,), shapes.record_shapes)
     slow = tracing.trace(model)
     with monkeypatch.context() as m:
         m.setenv("SURGEON_FAST_SKIP", "rules")  # every layer and function runs its kernel
-        shapes._on_meta(slow, (x,))
+        shapes._on_meta(slow, (x,), shapes.record_shapes)
     meta = tracing.trace(model)
     layer_norm, hits = F.layer_norm, []
     table = {
@@ -209,7 +199,7 @@ def test_norm_layers_skip_their_meta_kernels_with_the_same_metadata(
     for name in ("batch_norm", "layer_norm", "group_norm", "linear", "relu", "conv2d"):
         fn = getattr(F, name)
         monkeypatch.setattr(F, name, lambda *a, fn=fn, **k: calls.append(fn) or fn(*a, **k))
-    shapes._on_meta(meta, (x,))
+    shapes._on_meta(meta, (x,), shapes.record_shapes)
     assert calls == [] and hits == [layer_norm, torch.relu]  # timm LayerNorm: F.layer_norm
     assert metas(meta) == metas(slow) == metas(real)
     assert len(metas(meta)) == len(meta.graph.nodes)  # every node has its metadata
