@@ -2,7 +2,8 @@
 
     python benchmarks/big_insert.py [--models vit_huge_patch14_224 ...] [--out FILE]
 
-Each measurement is a fresh process (peak RSS is that process's own `ru_maxrss`):
+Each measurement is a fresh process (peak RSS is that process's own `ru_maxrss`; wall and
+CPU seconds, since a shared machine stretches wall time):
 - `build`: `timm.create_model(name)` with real weights, nothing else;
 - `insert --json`: `surgeon insert timm:NAME --shift layer --scale layer --json` (analysed on
   the meta device above --check-limit, no identity check);
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -26,14 +28,23 @@ RESULTS = Path(__file__).parent / "results" / "big_insert.json"
 PEAK = "import resource; print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
 
 
+def _cpu_children() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _run(code: str) -> dict:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_children()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _cpu_children() - c0
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1:], "wall_s": round(wall, 2)}
     peak = next(line for line in out.stdout.splitlines() if line.startswith("PEAK"))
-    return {"wall_s": round(wall, 2), "peak_rss_gib": round(int(peak.split()[1]) / 2**20, 3)}
+    return {
+        "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
+        "peak_rss_gib": round(int(peak.split()[1]) / 2**20, 3),
+    }
 
 
 def measure(name: str, folder: Path) -> dict:
@@ -55,7 +66,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     out = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_avg_1min": round(os.getloadavg()[0], 2),
+        },  # fmt: skip
         "command": "python benchmarks/big_insert.py " + " ".join(sys.argv[1:]),
         "models": {},
     }
