@@ -64,15 +64,20 @@ def report_command(
     experiments = sorted({r["experiment"] for r in report["runs"]})
     for title, (header, cells) in (
         ("runs", summary_table(report["runs"])),
-        ("by variant and LR (mean ± std over seeds)", variant_table(report["variants"])),
+        ("by cell: mean ± std over seeds", variant_table(report["variants"])),
     ):
         if len(experiments) == 1 and header[0] == "experiment":  # name it once, in the title
             header, cells = header[1:], [row[1:] for row in cells]
             title = f"{experiments[0]}: {title}"
+        if title.endswith("runs") and "variant" in header:  # the run name holds the variant
+            keep = [i for i, h in enumerate(header) if h != "variant"]
+            header, cells = [header[i] for i in keep], [[row[i] for i in keep] for row in cells]
         table = Table(title=escape(title), title_justify="left")
         for h in header:
             text = h in ("run", "variant", "experiment", "status")
-            table.add_column(h, justify="left" if text else "right", no_wrap=h == "run")
+            table.add_column(
+                h, justify="left" if text else "right", no_wrap=h in ("run", "variant")
+            )
         for row in cells:
             style = "red" if "diverged" in row else None
             table.add_row(*(escape(c) for c in row), style=style)

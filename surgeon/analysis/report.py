@@ -539,7 +539,7 @@ def build_report(
     if target_err is not None:
         target, source = float(target_err), "given"
     elif bests:
-        target, source = min(bests) + margin, f"best val error {_pct(min(bests))} + {100 * margin:g} points"  # fmt: skip
+        target, source = min(bests) + margin, f"best selection-split error {_pct(min(bests))} + {100 * margin:g} points"  # fmt: skip
     else:
         target, source = None, "no val errors recorded"
     variants = variant_order({r.variant for r in runs})
