@@ -134,8 +134,13 @@ def insert_command(
     from surgeon.summary import insertion_summary
 
     args = parse_model_args(model_arg)
-    with torch.device("meta"):  # the size first, without weights
+    from surgeon.models import BUILTINS
+
+    if model in BUILTINS:  # small: built at once (an init on meta costs torch a second import)
         sized = surgeon.build_model(model, args)
+    else:
+        with torch.device("meta"):  # the size first, without weights
+            sized = surgeon.build_model(model, args)
     params = sum(p.numel() for p in sized.parameters())
     big = params > check_limit and not replace_norm  # replace_norm needs the real statistics
     skip = None
@@ -143,7 +148,7 @@ def insert_command(
         skip = f"{params:,} parameters > --check-limit {check_limit:,}"
         base = surgeon.build_model(model, args) if output is not None else sized
     else:
-        base = surgeon.build_model(model, args)
+        base = sized if model in BUILTINS else surgeon.build_model(model, args)
     del sized
     replaced = None
     if replace_norm:

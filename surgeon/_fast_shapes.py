@@ -13,20 +13,28 @@ by tests/test_shape_rules.py.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Sequence
 
 import torch
 
 
-@functools.cache
 def elementwise_modules() -> frozenset[type]:
-    """Module classes (exact types) whose output has their input's shape and dtype."""
+    """Module classes (exact types) whose output has their input's shape and dtype (timm's
+    activations once timm is imported)."""
+    return _elementwise_modules("timm" in sys.modules)
+
+
+@functools.cache
+def _elementwise_modules(with_timm: bool) -> frozenset[type]:
     nn = torch.nn
     types = {
         nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
         nn.Hardsigmoid, nn.Mish, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Softplus,
         nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
     }  # fmt: skip
+    if not with_timm:
+        return frozenset(types)
     try:
         from timm.layers import activations
     except ImportError:
@@ -269,6 +277,23 @@ def _activation_rules(F) -> dict:
     return rules
 
 
+def _adaptive_pool(dims: int):
+    """``adaptive_avg_pool{dims}d``: the spatial dims become ``output_size`` (None keeps one)."""
+
+    def rule(x, output_size):
+        if not x.is_floating_point() or x.dim() not in (dims + 1, dims + 2) or x.numel() == 0:
+            return None
+        size = (output_size,) * dims if isinstance(output_size, int) else tuple(output_size)
+        if len(size) != dims:
+            return None
+        out = [s if o is None else o for o, s in zip(size, x.shape[-dims:])]
+        if any(isinstance(o, bool) or not isinstance(o, int) or o <= 0 for o in out):
+            return None
+        return _empty(x, (*x.shape[:-dims], *out))
+
+    return rule
+
+
 def _function_rules() -> dict:
     F = torch.nn.functional
     import operator
@@ -279,6 +304,8 @@ def _function_rules() -> dict:
         F.normalize: _normalize, F.linear: _linear, F.conv1d: _conv, F.conv2d: _conv, F.conv3d: _conv,
         operator.add: _binary, operator.sub: _binary, operator.mul: _binary,
         operator.truediv: _binary, torch.add: _binary, torch.sub: _binary, torch.mul: _binary,
+        F.adaptive_avg_pool1d: _adaptive_pool(1), F.adaptive_avg_pool2d: _adaptive_pool(2),
+        F.adaptive_avg_pool3d: _adaptive_pool(3),
     }  # fmt: skip
     if hasattr(F, "rms_norm"):
         rules[F.rms_norm] = _layer_norm
@@ -350,4 +377,7 @@ def module_rule(
             (x, module.weight, module.bias, module.stride, module.padding, module.dilation),
             {"groups": module.groups},
         )
+    pools = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+    if cls in pools:  # their meta kernel imports torch._dynamo (seconds) on its first call
+        return apply_rule(_adaptive_pool(pools[cls]), (x, module.output_size), {})
     return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
@@ -69,15 +70,21 @@ def _on_cpu_zeros(module: torch.nn.Module, args: tuple, kwargs: dict):
     )
 
 
-@functools.cache
 def shape_preserving_types() -> tuple[type, ...]:
     """Norm layers whose output has their input's shape and dtype: on meta their result is
     ``empty(input.shape)`` (their meta kernels cost milliseconds per call in Python: a second
     for a model with hundreds of ``BatchNormAct2d``). They call no activation function (only
-    activation modules, which are found by class). Built on first use: it imports timm."""
+    activation modules, which are found by class). timm's count once timm is imported."""
+    return _shape_preserving_types("timm" in sys.modules)
+
+
+@functools.cache
+def _shape_preserving_types(with_timm: bool) -> tuple[type, ...]:
     types: list[type] = [
         torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm,
     ]  # fmt: skip
+    if not with_timm:
+        return tuple(types)
     try:
         from timm.layers import norm_act
     except ImportError:

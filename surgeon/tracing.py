@@ -14,6 +14,7 @@ import copy
 import inspect
 import os
 import re
+import sys
 import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -62,6 +63,10 @@ def _package_dirs() -> tuple[str, ...]:
 
 
 def _timm_fx() -> tuple[list[type], list]:
+    """timm's leaves and autowrapped functions, once timm is imported (a model that holds
+    timm modules has imported it; importing it for any other model costs seconds)."""
+    if "timm" not in sys.modules:
+        return [], []
     try:
         import timm  # noqa: F401  (importing timm's models registers their leaves)
         from timm.layers import _fx
@@ -77,6 +82,8 @@ def _timm_fx() -> tuple[list[type], list]:
 
 
 def _torchvision_ops() -> None:
+    if "torchvision" not in sys.modules:  # a model using its ops has imported torchvision
+        return
     try:  # importing the ops registers their torch.fx.wrap'ed functions (e.g. stochastic_depth)
         import torchvision.ops  # noqa: F401
     except ImportError:

@@ -14,6 +14,7 @@ activation, as separate modules named ``<name>_drop`` and ``<name>_act``.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -31,6 +32,8 @@ _PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, Chan
 
 
 def _norm_act_class() -> type | None:
+    if "timm" not in sys.modules:  # a model holding timm's BatchNormAct2d has imported timm
+        return None
     try:
         from timm.layers import BatchNormAct2d
     except ImportError:  # pragma: no cover - timm is a dependency
