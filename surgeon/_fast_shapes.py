@@ -284,7 +284,7 @@ def _adaptive_pool(dims: int):
         if not x.is_floating_point() or x.dim() not in (dims + 1, dims + 2) or x.numel() == 0:
             return None
         size = (output_size,) * dims if isinstance(output_size, int) else tuple(output_size)
-        if len(size) != dims:
+        if len(size) != dims or (dims == 1 and None in size):  # 1d takes no None
             return None
         out = [s if o is None else o for o, s in zip(size, x.shape[-dims:])]
         if any(isinstance(o, bool) or not isinstance(o, int) or o <= 0 for o in out):

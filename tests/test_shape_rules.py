@@ -218,6 +218,28 @@ def test_reductions(data):
         check(rules.METHOD_RULES[name], getattr(torch.Tensor, name), (x, dim, keepdim))
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_adaptive_average_pooling(data):
+    dims = data.draw(st.integers(1, 3))
+    fn = getattr(F, f"adaptive_avg_pool{dims}d")
+    shape = data.draw(st.lists(st.integers(1, 4), min_size=dims, max_size=dims + 2))
+    x = _tensor(shape, data.draw(st.sampled_from(DTYPES)))
+    one = st.one_of(st.integers(1, 5), st.none())
+    size = data.draw(
+        st.one_of(st.integers(1, 5), st.tuples(*[one] * dims), st.lists(one, max_size=4))
+    )
+    check(rules.FUNCTION_RULES[fn], fn, (x, size))
+
+
+def test_adaptive_average_pooling_takes_the_plain_cases():
+    x = torch.randn(2, 8, 5, 7)
+    assert check(rules.FUNCTION_RULES[F.adaptive_avg_pool2d], F.adaptive_avg_pool2d, (x, 1))
+    assert check(rules.FUNCTION_RULES[F.adaptive_avg_pool2d], F.adaptive_avg_pool2d, (x, (3, None)))
+    out = rules.module_rule(torch.nn.AdaptiveAvgPool2d((1, 1)), x.to("meta"), ())
+    assert out is not None and tuple(out.shape) == (2, 8, 1, 1)
+
+
 @pytest.mark.parametrize("name", ["mean", "sum"])
 def test_reductions_take_the_plain_cases(name):
     x, fn = torch.randn(2, 4, 3, 3), getattr(torch.Tensor, name)
