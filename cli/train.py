@@ -47,6 +47,15 @@ def train_command(
             rich_help_panel=LAUNCH,
         ),
     ] = None,
+    variant: Annotated[
+        str | None,
+        Opt(
+            help="a single run's variant by name: plain, batchnorm, shift-layer+scale-layer, "
+            "batchnorm+scale-channel, ... (instead of --norm/--shift/--scale)",
+            metavar="NAME",
+            rich_help_panel=LAUNCH,
+        ),
+    ] = None,
     nproc: Annotated[
         int,
         Opt(
@@ -163,6 +172,16 @@ def train_command(
     _check_trust(resume_run, config, trust_code)
 
     overrides = {k: v for k, v in fields.items() if _given(ctx, k)}
+    if variant is not None:
+        from surgeon.train.config import parse_variant
+
+        clash = sorted({"norm", "shift", "scale"} & set(overrides))
+        if clash:
+            raise TrainError(
+                f"--variant names the variant; it cannot be combined with --{', --'.join(clash)}",
+                hint="give either --variant or --norm/--shift/--scale",
+            )
+        overrides.update(parse_variant(variant))
     name = overrides.pop("name", None)
     if "model_args" in overrides:
         from surgeon.models import parse_model_args

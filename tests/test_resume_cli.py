@@ -41,3 +41,12 @@ def test_resuming_a_run_built_from_a_model_file_needs_trust(tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert "builds its model from tiny.py" in err and "--trust-code" in err
     assert main(["train", "--resume", "runs/t", "--epochs", "2", "--trust-code", "--quiet"]) == 0
+
+
+def test_variant_by_name_for_a_single_run(tmp_path, capsys) -> None:
+    args = ["train", *TINY, "--epochs", "1", "--out", str(tmp_path), "--dry-run"]
+    assert main([*args, "--variant", "batchnorm+scale-channel"]) == 0
+    assert "batchnorm+scale-channel" in capsys.readouterr().out
+    assert main([*args, "--variant", "bogus"]) == 2
+    assert main([*args, "--variant", "plain", "--shift", "layer"]) == 2
+    assert "cannot be combined with --shift" in capsys.readouterr().err
