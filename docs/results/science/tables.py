@@ -112,6 +112,9 @@ def trajectories(prefix: str, epochs: tuple[int, ...] = (0, 1, 2, 8), variant: s
             cells = []
             for e in epochs:
                 vals = [r[e] for r in runs if len(r) > e]
+                if not vals:  # every run diverged before this epoch
+                    cells.append("-")
+                    continue
                 m = sum(vals) / len(vals)
                 s = (
                     (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
