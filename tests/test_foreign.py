@@ -109,3 +109,22 @@ def test_a_trace_failing_inside_a_library_names_it() -> None:
         surgeon.insert(_vit().eval(), input_size=[3, 32, 32], fallback="never")
     assert "inside transformers at " in exc.value.message
     assert "code of transformers, not yours" in exc.value.hint
+
+
+def test_training_a_transformers_model_from_a_file(tmp_path, monkeypatch) -> None:
+    """Its output is an ImageClassifierOutput: the engine trains on its logits."""
+    from surgeon_cli.app import main
+
+    (tmp_path / "vit.py").write_text(
+        "import transformers\n\n\ndef build_model(num_classes=10):\n"
+        "    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32,\n"
+        "        num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,\n"
+        "        num_labels=num_classes)\n"
+        "    return transformers.ViTForImageClassification(cfg)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--model", "vit.py", "--data", "sample", "--limit-train", "100",
+            "--limit-test", "50", "--batch-size", "50", "--epochs", "1", "--device", "cpu",
+            "--out", "runs", "--name", "v", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert (tmp_path / "runs" / "v" / "summary.json").is_file()

@@ -54,6 +54,22 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def logits_of(out: Any) -> torch.Tensor:
+    """The class scores of a model's output: the tensor itself, a ``logits`` field
+    (transformers' ``ImageClassifierOutput``, a dict), or the first tensor of a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TrainError(
+        f"the model returned {type(out).__name__}, not class scores",
+        hint="return a tensor of logits (or an object with a .logits tensor)",
+    )
+
+
 def snapshot_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every shift/scale parameter, keyed ``<module>.shift`` / ``<module>.scale``."""
     out = {}
@@ -417,7 +433,7 @@ class Trainer:
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss, correct, count
         for x, y in loader or self.val_loader:
             with self.autocast:
-                out = self.model(x) if not self.cfg.compile else self.forward(x)
+                out = logits_of(self.model(x) if not self.cfg.compile else self.forward(x))
             sums[0] += F.cross_entropy(out.float(), y, reduction="sum").double()
             sums[1] += (out.argmax(1) == y).sum()
             sums[2] += len(y)
@@ -476,7 +492,7 @@ class Trainer:
             sync = nullcontext() if (last or not self.dist.enabled) else self.net.no_sync()
             with sync:
                 with self.autocast:
-                    out = self.forward(x)
+                    out = logits_of(self.forward(x))
                     loss = F.cross_entropy(out, y)
                 (loss / len(batches)).backward()
             total += loss.detach().float() / len(batches)
