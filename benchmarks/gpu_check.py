@@ -447,6 +447,7 @@ def section_real_run(ctx: Context) -> dict:
         "batch_size": s.real_batch, "device": ctx.device.type,
         "precision": "bf16" if ctx.cuda else "fp32", "limit_train": s.limit_train,
         "limit_test": s.limit_test if ctx.smoke else None, "shift": "none", "scale": "none",
+        **({"val_size": 0} if ctx.smoke else {}),  # the smoke's few images: no hold-out
     }  # fmt: skip
     if s.width != 1.0:
         base["model_args"] = {"width": s.width}

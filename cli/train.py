@@ -548,14 +548,8 @@ def _resume_all(folder: Path, overrides: dict[str, Any], reporter) -> list[dict[
             )
     summaries = []
     for run in runs:
-        summary = rundir.read_summary(run, TrainError)
-        cfg = rundir.read_config(run, TrainError)
-        epochs = overrides.get("epochs", cfg.get("epochs"))
-        if (
-            summary is not None
-            and summary.get("status") == "ok"
-            and summary.get("epochs_run", 0) >= epochs
-        ):
+        if _nothing_to_do(run, overrides):
+            summary = rundir.read_summary(run, TrainError) or {}
             console.print(
                 f"{escape(run.name)}: finished ({_epochs(summary.get('epochs_run'))}); "
                 "nothing to do (give --epochs N to train it further)"
@@ -563,6 +557,30 @@ def _resume_all(folder: Path, overrides: dict[str, Any], reporter) -> list[dict[
             continue
         summaries.append(resume(run, reporter=reporter(), overrides=overrides))
     return summaries
+
+
+def _nothing_to_do(run: Path, overrides: dict[str, Any]) -> bool:
+    """The run finished all its epochs, and its newest checkpoint is intact and is the one
+    its summary came from (a damaged one makes ``--resume`` train again from the last good)."""
+    from surgeon import rundir
+    from surgeon.train.checkpoint import find_checkpoint
+    from surgeon.train.engine import RUN_FIELDS
+
+    summary = rundir.read_summary(run, TrainError)
+    if summary is None or summary.get("status") != "ok":
+        return False
+    epochs = overrides.get("epochs", rundir.read_config(run, TrainError).get("epochs"))
+    if not isinstance(epochs, int) or (summary.get("epochs_run") or 0) < epochs:
+        return False
+    try:
+        found = find_checkpoint(run / rundir.CHECKPOINTS_DIR, RUN_FIELDS)
+    except TrainError:
+        return False  # resume gives the one-line error
+    saved = {k: v for k, v in rundir.read_config(run, TrainError).items() if k != "world_size"}
+    recorded = {k: v for k, v in (found.state.get("config") or {}).items() if k != "world_size"}
+    if saved != recorded:  # an edited config.json: resume refuses it with one line
+        return False
+    return not found.notes and found.state.get("step") == summary.get("steps")
 
 
 def _check_trust(resume_run: Path | None, config: Path | None, trust_code: bool) -> None:

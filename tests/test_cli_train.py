@@ -139,7 +139,7 @@ def test_nproc_relaunches_the_given_options(monkeypatch, capsys):
     from surgeon.train import distributed
 
     calls = []
-    monkeypatch.setattr(distributed, "launch", lambda n, argv: calls.append((n, argv)) or 0)
+    monkeypatch.setattr(distributed, "launch", lambda n, argv, **kw: calls.append((n, argv)) or 0)
     argv = [*MLP, "--lr", "0.1", "--no-dropout", "--quiet", "--out", "somewhere"]
     assert cli(capsys, *argv, "--nproc", "2")[0] == 0
     assert cli(capsys, "--nproc=1", "--epochs", "3")[0] == 0
@@ -178,10 +178,10 @@ def test_single_run(tmp_path, capsys):
     assert rc == 2
     line = one_line_error(err)
     assert "already exists" in line and "--resume" in line
-    # --resume of a finished run changes nothing
+    # --resume of a finished run changes nothing, and says so
     before = (folder / "model.safetensors").read_bytes()
     rc, out, _ = cli(capsys, "--resume", folder, "--quiet")
-    assert rc == 0 and "ok" in out
+    assert rc == 0 and "finished (2 epochs); nothing to do" in out
     assert (folder / "model.safetensors").read_bytes() == before
 
 
