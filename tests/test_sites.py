@@ -340,3 +340,10 @@ def test_the_output_rule_keeps_a_softmax_head_final() -> None:
     assert [(s.name, s.kind) for s in sites] == [("x", "input"), ("relu", "activation")]
     with pytest.raises(surgeon.SurgeonError, match="invalid final rule"):
         surgeon.find_sites(Head(), final="last", input_size=[6])
+
+
+def test_batchnorm_follows_the_final_rule() -> None:
+    model = surgeon.build_model("allconv", {"width": 0.25})
+    default = surgeon.insert_batchnorm(model).surgeon_record.batchnorm
+    thesis = surgeon.insert_batchnorm(model, final="output").surgeon_record.batchnorm
+    assert thesis == [*default, "bn_features_19"]

@@ -168,7 +168,7 @@ def _ssf_init(layer: ShiftScale, std: float) -> None:
 
 
 def _replay_batchnorm(model: nn.Module, p: PassEntry) -> nn.Module:
-    return insert_batchnorm(model, **p.pick("include", "exclude", "input_size", "leaf"))
+    return insert_batchnorm(model, **p.pick("include", "exclude", "input_size", "leaf", "final"))
 
 
 @register_pass("batchnorm", replay=_replay_batchnorm)
@@ -180,14 +180,16 @@ def insert_batchnorm(
     exclude: Iterable[str] = (),
     input_size: Sequence[int] | str | None = None,
     leaf: Iterable[str | type] = (),
+    final: str = "parametrised",
 ) -> fx.GraphModule:
-    """Insert BatchNorm (1d/2d/3d as the shape requires) before each non-final activation.
+    """Insert BatchNorm (1d/2d/3d as the shape requires) before each non-final activation
+    (``final`` as in :func:`insert`).
 
     Only plain activations get one (not inputs, gates, softmax or fused norm+act layers).
     """
     include, exclude = list(include), list(exclude)
     record = SurgeryRecord.of(model)
-    a = analyse(model, input_size=input_size, leaf=leaf)
+    a = analyse(model, input_size=input_size, leaf=leaf, final=final)
     gm = a.gm
     chosen = [s for s in sites_mod.select(a.sites, include, exclude) if s.kind == "activation"]
     device = device_of(gm)
@@ -218,6 +220,7 @@ def insert_batchnorm(
                 "input_size": list(a.input_size),
                 "leaf": a.leaf,
                 "traced_in": _traced_in(model),
+                **({"final": final} if final != "parametrised" else {}),
             },
         )  # fmt: skip
     )

@@ -64,7 +64,7 @@ def derive(base: nn.Module, cfg: TrainConfig, input_size: tuple[int, ...]) -> fx
     model: nn.Module = copy.deepcopy(base)
     opts = {"include": cfg.include, "exclude": cfg.exclude, "input_size": input_size}
     if cfg.norm == "batchnorm":
-        model = insert_batchnorm(model, **opts)
+        model = insert_batchnorm(model, final=cfg.final, **opts)
     # the plain variant is traced too (shift=scale=none), so every variant is a GraphModule
     if cfg.placement != "activations" or cfg.ssf_init_std:
         return _insert_ssf(model, cfg, opts)
