@@ -4,7 +4,6 @@ unfinished run inside it."""
 from __future__ import annotations
 
 import pytest
-
 from surgeon_cli.app import main
 
 pytestmark = pytest.mark.usefixtures("training_env")
