@@ -201,9 +201,13 @@ def load(
     force: bool = False,
 ) -> nn.Module:
     """``surgeon.load``: a saved model (:func:`surgeon.io.load`), or an adapter folder with
-    the ``base`` weights it was trained on (:func:`load_adapter`)."""
-    if not is_adapter(folder):
-        return io_load(folder, device, trust_code=trust_code)
+    the ``base`` weights it was trained on (:func:`load_adapter`). A fine-tuning run's folder
+    holds both: without ``base`` its complete model is loaded."""
+    complete = (Path(folder) / "surgery.json").is_file() and (
+        Path(folder) / "model.safetensors"
+    ).is_file()
+    if not is_adapter(folder) or (base is None and complete):
+        return io_load(folder, device, trust_code=trust_code)  # a fine-tuning run: whole too
     if base is None:
         raise SurgeonError(
             f"{folder} is an adapter: it holds only the trained tensors",
