@@ -34,6 +34,7 @@ from .io import (
     load as io_load,
 )
 from .record import SurgeryRecord
+from .rundir import RECORD_FILE, WEIGHTS_FILE
 from .trust import check_record, check_source, portable_spec
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -123,7 +124,7 @@ def read_adapter_meta(folder: str | Path) -> dict[str, Any]:
 def _base_file(base: str | Path) -> Path:
     path = Path(base)
     if path.is_dir():
-        path = path / "model.safetensors"
+        path = path / WEIGHTS_FILE
     if not path.is_file():
         raise SurgeonError(
             f"no base weights at {base}",
@@ -203,9 +204,7 @@ def load(
     """``surgeon.load``: a saved model (:func:`surgeon.io.load`), or an adapter folder with
     the ``base`` weights it was trained on (:func:`load_adapter`). A fine-tuning run's folder
     holds both: without ``base`` its complete model is loaded."""
-    complete = (Path(folder) / "surgery.json").is_file() and (
-        Path(folder) / "model.safetensors"
-    ).is_file()
+    complete = (Path(folder) / RECORD_FILE).is_file() and (Path(folder) / WEIGHTS_FILE).is_file()
     if not is_adapter(folder) or (base is None and complete):
         return io_load(folder, device, trust_code=trust_code)  # a fine-tuning run: whole too
     if base is None:

@@ -142,10 +142,15 @@ def attach(model: nn.Module, record: SurgeryRecord) -> nn.Module:
     return model
 
 
+def mode_of(module: nn.Module) -> str:
+    """``train`` or ``eval``: the mode a pass traces in, recorded as ``traced_in``."""
+    return "train" if module.training else "eval"
+
+
 def note_mode_dependence(gm: nn.Module, record: SurgeryRecord) -> None:
     """Warn when the traced graph baked a train/eval branch of the model into itself."""
     if getattr(gm, "surgeon_mode_dependent", False):
-        mode = "train" if gm.training else "eval"
+        mode = mode_of(gm)
         record.warn(
             f"the model branches on self.training outside leaf modules; the graph keeps {mode}-mode "
             "behaviour in both modes (make the branching module a leaf with --leaf, or insert "

@@ -20,6 +20,7 @@ from typing import Any
 from .errors import SurgeonError
 from .modes import MODES
 from .record import PASSES, SurgeryRecord
+from .rundir import RECORD_FILE
 
 # an input of batch 2 at this many elements per sample is 128 MiB in fp32
 MAX_INPUT_ELEMENTS = 16 * 1024 * 1024
@@ -46,7 +47,7 @@ def _plain(value: Any) -> bool:
 def check_source(rec: SurgeryRecord, folder: Path, trust_code: bool) -> dict[str, Any]:
     """The ``{"spec", "args"}`` to build, after the trust rules; a one-line error otherwise."""
     src = rec.source
-    where = folder / "surgery.json"
+    where = folder / RECORD_FILE
     if src is None or not isinstance(src.get("spec"), str) or not src["spec"]:
         raise SurgeonError(
             f"{where} does not say how the model was built", hint="re-save the model"
@@ -106,7 +107,7 @@ _REQUIRED = {"shift_scale": ("shift", "scale")}
 def check_record(rec: SurgeryRecord, folder: Path) -> None:
     """Every pass known, its options of the right kind, input sizes bounded: before anything
     is built."""
-    where = folder / "surgery.json"
+    where = folder / RECORD_FILE
     for entry in rec.passes:
         if entry.name not in PASSES:
             raise SurgeonError(

@@ -26,7 +26,7 @@ from ..attach import device_of, free_path, insert_after
 from ..discover import analyse
 from ..errors import SurgeryError
 from ..layers import ChannelBatchNorm, make_shift_scale
-from ..record import PassEntry, SurgeryRecord, finish, register_pass
+from ..record import PassEntry, SurgeryRecord, finish, mode_of, register_pass
 
 _PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, ChannelBatchNorm)
 
@@ -142,7 +142,7 @@ def replace_norm(
         if kind == "bn_act":
             _split_norm_act(gm, node, bn)
         replaced.append(node.target)
-    traced_in = "train" if model.training else "eval"
+    traced_in = mode_of(model)
     record.passes.append(
         PassEntry(
             "replace_norm",

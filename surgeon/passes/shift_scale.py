@@ -23,15 +23,11 @@ from ..discover import analyse, gc_paused
 from ..errors import SurgeryError
 from ..layers import ChannelBatchNorm, ReLUShiftScale, ShiftScale, make_shift_scale
 from ..modes import check_mode
-from ..record import PassEntry, SurgeryRecord, finish, register_pass
+from ..record import PassEntry, SurgeryRecord, finish, mode_of, register_pass
 from ..shapes import node_shape
 from ..sites import Site
 
 BN_PREFIX = "bn_"
-
-
-def _traced_in(model: nn.Module) -> str:
-    return "train" if model.training else "eval"
 
 
 @gc_paused
@@ -144,7 +140,7 @@ def insert(
                 "exclude": exclude,
                 "input_size": list(a.input_size),
                 "leaf": a.leaf,
-                "traced_in": _traced_in(model),
+                "traced_in": mode_of(model),
                 "fused": bool(fused),
                 "method": a.method,
                 # replayed by surgeon.load with the method it took: eager, or FX and never eager
@@ -219,7 +215,7 @@ def insert_batchnorm(
                 "exclude": exclude,
                 "input_size": list(a.input_size),
                 "leaf": a.leaf,
-                "traced_in": _traced_in(model),
+                "traced_in": mode_of(model),
                 **({"final": final} if final != "parametrised" else {}),
             },
         )  # fmt: skip
