@@ -141,12 +141,17 @@ def _first_line(exc: BaseException) -> str:
     return text[:300] if text else type(exc).__name__
 
 
-def read_weights(model: nn.Module, path: str | Path, assign: bool = False) -> None:
+def read_weights(
+    model: nn.Module,
+    path: str | Path,
+    assign: bool = False,
+    header: dict[str, tuple[str, tuple[int, ...]]] | None = None,
+) -> None:
     """Load what :func:`write_weights` (or safetensors' ``save_model``) wrote into
     ``model``, strictly: every key of the model's state dict, nothing else, each of the
     shape the model expects (checked on the file's header before its data is read).
     ``assign`` replaces the model's tensors (a model built on the meta device)."""
-    header = read_header(path)
+    header = dict(header) if header is not None else read_header(path)
     own = model.state_dict(keep_vars=True)
     groups = _tied_groups(model)
     for names in groups:  # tied tensors are in the file under one of their names
@@ -356,9 +361,9 @@ def load(
     model = _rebuild_on_meta(rec, set(header))
     if model is None:
         model = rebuild(rec)
-        read_weights(model, weights)
+        read_weights(model, weights, header=header)
     else:
-        read_weights(model, weights, assign=True)
+        read_weights(model, weights, assign=True, header=header)
     model.to(device)
     model.train(bool(meta.get("training", False)))
     return model
