@@ -53,13 +53,26 @@ def deepcopy_module(module: nn.Module) -> nn.Module:
 
 def _package_dirs() -> tuple[str, ...]:
     here = os.path.dirname(os.path.abspath(__file__))  # fx-surgeon itself
-    dirs = [os.path.dirname(os.__file__), os.path.dirname(torch.__file__), here]
+    dirs = [os.path.dirname(torch.__file__), here]
     for name in ("timm", "torchvision"):
         try:
             dirs.append(os.path.dirname(__import__(name).__file__))
         except ImportError:
             pass
     return tuple(os.path.join(d, "") for d in dirs)
+
+
+def _not_users(filename: str, skip: tuple[str, ...], stdlib: str | None = None) -> bool:
+    """True for a frame of torch, timm, torchvision, fx-surgeon or the standard library.
+    The standard library's folder can hold site-packages (pyenv, a system Python):
+    a package installed there is not the standard library."""
+    if filename.startswith("<"):
+        return True
+    path = os.path.abspath(filename)
+    if path.startswith(skip):
+        return True
+    stdlib = os.path.join(os.path.dirname(os.__file__), "") if stdlib is None else stdlib
+    return path.startswith(stdlib) and _library_of(path) is None
 
 
 def _timm_fx() -> tuple[list[type], list]:
@@ -145,10 +158,8 @@ def _user_frame(exc: BaseException) -> str | None:
     fx-surgeon and the standard library: the user's own code."""
     skip = _package_dirs()
     for fr in reversed(traceback.extract_tb(exc.__traceback__)):
-        fn = fr.filename
-        if fn.startswith("<") or os.path.abspath(fn).startswith(skip):
-            continue
-        return f"{fn}:{fr.lineno}"
+        if not _not_users(fr.filename, skip):
+            return f"{fr.filename}:{fr.lineno}"
     return None
 
 
@@ -281,9 +292,7 @@ def _trace_error(model: nn.Module, exc: BaseException) -> TraceError:
     own = [
         f"{fr.filename}:{fr.lineno}"
         for fr in traceback.extract_tb(exc.__traceback__)
-        if not fr.filename.startswith("<")
-        and not os.path.abspath(fr.filename).startswith(skip)
-        and _library_of(fr.filename) is None
+        if not _not_users(fr.filename, skip) and _library_of(fr.filename) is None
     ]
     via = f" (reached from {own[-1]})" if own else ""
     return TraceError(

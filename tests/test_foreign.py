@@ -3,6 +3,8 @@ other libraries (transformers vision models, when transformers is installed)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,3 +130,16 @@ def test_training_a_transformers_model_from_a_file(tmp_path, monkeypatch) -> Non
             "--out", "runs", "--name", "v", "--quiet"]  # fmt: skip
     assert main(argv) == 0
     assert (tmp_path / "runs" / "v" / "summary.json").is_file()
+
+
+def test_a_library_in_a_site_packages_inside_the_standard_library_is_still_named() -> None:
+    """pyenv and system Pythons keep site-packages inside the standard library's folder
+    (``.../lib/python3.11/site-packages``): a frame there is a library's, not the stdlib's."""
+    from surgeon.tracing import _not_users
+
+    stdlib = os.path.join(os.sep, "root", ".pyenv", "lib", "python3.11", "")
+    lib = os.path.join(stdlib, "site-packages", "transformers", "utils", "generic.py")
+    assert not _not_users(lib, skip=(), stdlib=stdlib)
+    assert _not_users(os.path.join(stdlib, "contextlib.py"), skip=(), stdlib=stdlib)
+    assert _not_users("<string>", skip=(), stdlib=stdlib)
+    assert not _not_users(os.path.join(os.sep, "home", "me", "model.py"), skip=(), stdlib=stdlib)
