@@ -52,7 +52,17 @@ def test_shipped_recipe_loads_and_expands(name):
     points = {(c.variant, c.lr, c.seed, c.tag) for c in configs}
     assert len(points) == expected
     for c in configs:
-        case = next((k for k in recipe.grid.get("case", []) if k["tag"] == c.tag), {})
+        case = next(
+            (
+                k
+                for k in recipe.grid.get("case", [])
+                if k["tag"] == c.tag
+                and all(
+                    k.get(f, getattr(c, f)) == getattr(c, f) for f in ("norm", "shift", "scale")
+                )
+            ),
+            {},
+        )
         for key, value in {**recipe.base, **case}.items():
             if key != "tag":
                 assert getattr(c, key) == value, (c.name, key)
@@ -128,10 +138,20 @@ def test_grid_cases_are_an_axis_with_tags(tmp_path):
         ("case = [{ ss_lr_mult = 1.0 }]", "a table with a tag"),
         ('case = [{ tag = "a", nope = 1 }]', "unknown field(s) nope"),
         ('case = [{ tag = "a" }, { tag = "a" }]', "repeated case tags"),
+        ('case = [{ tag = "a", shift = "layer" }, { tag = "a", shift = "layer" }]', "repeated"),
     ):
         path.write_text(f"[grid]\n{bad}\n")
         with pytest.raises(TrainError, match=re.escape(needle)):
             load_recipe(str(path))
+    # one tag over cases of different variants: each case is its own run
+    path.write_text(
+        '[grid]\nlr = [0.04]\nseed = [0]\ncase = [{ tag = "m1", shift = "layer", scale = "none" },'
+        ' { tag = "m1", shift = "none", scale = "layer" }]\n'
+    )
+    assert [c.name for c in load_recipe(str(path)).configs()] == [
+        "shift-layer_lr0.04_s0_m1",
+        "scale-layer_lr0.04_s0_m1",
+    ]
 
 
 def test_quick_recipe_runs_offline_on_cpu():

@@ -485,7 +485,32 @@ def test_probe_rows(probed):
             assert math.isfinite(r["act_mean"]) and r["act_std"] > 0
             assert r["grad_norm_after"] > 0
             assert (r["grad_norm_before"] is None) == (r["site"] == "x")
+            # the mean relative update over the epoch's 4 steps; none before the first step
+            assert (r["step_after"] is None) == (epoch == 0)
+            assert epoch == 0 or 0 < r["step_after"] < 1
     assert {r["epoch"] for r in probes} == {0, 1, 2}
+
+
+def test_probe_step_size_is_the_mean_relative_update_per_layer():
+    from surgeon.train.probe import Probe
+
+    torch.manual_seed(0)
+    gm = surgeon.insert(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), input_size=[6])
+    probe = Probe(gm, (6,))
+    assert probe.layers == ["0", "2"]
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    for factor in (0.1, 0.3):  # W -> (1 + f) W: a relative update of exactly f
+        probe.before_step()
+        with torch.no_grad():
+            gm.get_submodule("0").weight.mul_(1 + factor)
+        probe.after_step()
+    rows = {r["kind"]: r for r in probe.measure(x, y)}
+    hidden, first = rows["activation"], rows["input"]
+    assert hidden["step_before"] == pytest.approx(0.2, rel=1e-5)  # layer 0: mean of 0.1, 0.3
+    assert hidden["step_after"] == 0.0  # layer 2 never moved
+    assert first["step_before"] is None
+    assert first["step_after"] == pytest.approx(0.2, rel=1e-5)
+    assert all(r["step_after"] is None for r in probe.measure(x, y))  # reset: no step since
 
 
 def test_probing_does_not_change_training(probed, data, tmp_path):

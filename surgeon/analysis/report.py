@@ -29,6 +29,8 @@ PROBE_METRICS = {  # probe row key: y-axis label
     "act_std": "activation std",
     "grad_norm_before": "gradient norm, layer before",
     "grad_norm_after": "gradient norm, layer after",
+    "step_before": "step size |dW|/|W|, layer before",
+    "step_after": "step size |dW|/|W|, layer after",
 }
 ROW_FIELDS = (
     "run", "experiment", "variant", "tag", "lr", "seed", "status", "selected_on",
@@ -367,28 +369,29 @@ def _epoch_label(runs: list[Run], which: str) -> str:
 
 @plain_text
 def plot_probes(runs: list[Run], palette: dict[str, Any], path: Path) -> Path | None:
-    """Activation mean/std and gradient norms before/after each site, by depth; one line
-    per variant; top row the first probed epoch, bottom row the last."""
+    """Activation mean/std, gradient norms and step sizes before/after each site, by depth;
+    one line per variant; top row the first probed epoch, bottom row the last."""
     from matplotlib.ticker import LogFormatter
 
     probed = [r for r in runs if r.probes]
     if not probed:
         return None
     sites = _site_order(probed)
-    width = max(12.0, min(24.0, 0.5 * len(sites) * 4))
+    cols = len(PROBE_METRICS)
+    width = max(3.0 * cols, min(6.0 * cols, 0.5 * len(sites) * cols))
     label_in = label_inches(sites, fontsize=6) + X_LABEL_INCHES
     height = 6.5 + label_in
-    fig, axes = figure(2, 4, (width, height))
+    fig, axes = figure(2, cols, (width, height))
     fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, top=1 - 0.6 / height, bottom=label_in / height, wspace=0.42, hspace=0.25)  # fmt: skip
     x = list(range(len(sites)))
     for row, which in enumerate(("first", "last")):
         for col, (metric, ylabel) in enumerate(PROBE_METRICS.items()):
-            ax = axes[4 * row + col]
+            ax = axes[cols * row + col]
             for variant, rs in _by_variant(probed).items():
                 y = _probe_values(rs, which, sites, metric)
                 ax.plot(x, y, "o-", color=palette[variant], markersize=3, label=variant)
             if (
-                metric.startswith("grad")
+                metric.startswith(("grad", "step"))
                 and ax.lines
                 and all(v > 0 for line in ax.lines for v in line.get_ydata() if math.isfinite(v))
             ):

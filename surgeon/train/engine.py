@@ -500,7 +500,11 @@ class Trainer:
             n += len(y)
         if cfg.ss_decay_to == "identity":
             decay_to_identity(self.model, cfg.ss_wd)
+        if self.probe is not None:
+            self.probe.before_step()
         self.opt.step()
+        if self.probe is not None:
+            self.probe.after_step()
         return total, correct, n
 
     def run(self) -> dict[str, Any]:

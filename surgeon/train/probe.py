@@ -3,7 +3,9 @@
 Once per epoch, on a fixed batch, the probe runs the model through an FX interpreter that
 keeps the value flowing out of each site (after the shift/scale module when there is one),
 then back-propagates the loss and reads the gradient norm of the nearest weight layer
-before and after the site. The same site names exist in every variant (plain, batchnorm,
+before and after the site. Between two probes it also measures the effective step size of
+those layers: the mean over the optimiser steps of ``||W_after - W_before|| / ||W_before||``
+(what the optimiser did to the layer, whatever its LR, momentum or multiplier). The same site names exist in every variant (plain, batchnorm,
 shift/scale), so the numbers can be compared across variants.
 """
 
@@ -43,7 +45,8 @@ def _walk(node: fx.Node, gm: fx.GraphModule, up: bool, limit: int = 32) -> str |
 
 
 class Probe:
-    """Measures ``act_mean``, ``act_std``, ``grad_norm_before`` and ``grad_norm_after`` per site."""
+    """Measures ``act_mean``, ``act_std``, ``grad_norm_before``, ``grad_norm_after``,
+    ``step_before`` and ``step_after`` per site."""
 
     def __init__(self, model: fx.GraphModule, input_size: tuple[int, ...]) -> None:
         if not isinstance(model, fx.GraphModule):
@@ -66,6 +69,35 @@ class Probe:
                 {"site": s.name, "kind": s.kind, "index": s.index, "node": out.name,
                  "before": _walk(node, model, up=True), "after": _walk(out, model, up=False)}
             )  # fmt: skip
+        self.layers = sorted({r[k] for r in self.rows for k in ("before", "after")} - {None})
+        self._weights_before: list[torch.Tensor] = []
+        self._step_sums = dict.fromkeys(self.layers, 0.0)
+        self._steps = 0
+
+    def _weights(self) -> list[torch.Tensor]:
+        return [self.model.get_submodule(name).weight.detach() for name in self.layers]
+
+    def before_step(self) -> None:
+        """Call just before ``optimizer.step()``: keeps a copy of the probed layers' weights."""
+        self._weights_before = [w.clone() for w in self._weights()]
+
+    def after_step(self) -> None:
+        """Call just after ``optimizer.step()``: adds this step's relative update per layer."""
+        if not self._weights_before:
+            return
+        with torch.no_grad():
+            for name, old, new in zip(self.layers, self._weights_before, self._weights()):
+                ratio = (new.float() - old.float()).norm() / old.float().norm().clamp_min(1e-12)
+                self._step_sums[name] += ratio.item()
+        self._steps += 1
+        self._weights_before = []
+
+    def _step_sizes(self) -> dict[str, float | None]:
+        """Mean relative update per layer since the last call (None before any step)."""
+        sizes = {n: (v / self._steps if self._steps else None) for n, v in self._step_sums.items()}
+        self._step_sums = dict.fromkeys(self.layers, 0.0)
+        self._steps = 0
+        return sizes
 
     def measure(self, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, Any]]:
         """One forward/backward on ``(x, y)``; gradients, buffers and the RNG are restored."""
@@ -90,7 +122,7 @@ class Probe:
         self.model.zero_grad(set_to_none=True)
         out = _Capture(self.model).run(x)
         F.cross_entropy(out.float(), y).backward()
-        rows = []
+        rows, steps = [], self._step_sizes()
         for r in self.rows:
             act = captured.get(r["node"])
             row = {"site": r["site"], "kind": r["kind"], "index": r["index"]}
@@ -101,6 +133,7 @@ class Probe:
                 name = r[key]
                 g = self.model.get_submodule(name).weight.grad if name else None
                 row[f"grad_norm_{key}"] = g.norm().item() if g is not None else None
+                row[f"step_{key}"] = steps.get(name) if name else None
             rows.append(row)
         self.model.zero_grad(set_to_none=True)
         self.model.load_state_dict(buffers, strict=False)  # BN running stats untouched

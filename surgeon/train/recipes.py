@@ -99,9 +99,13 @@ def _check_cases(path: Path, cases: list[Any]) -> None:
                 f"recipe {path}: case {case['tag']!r} sets unknown field(s) {', '.join(unknown)}",
                 hint="a case sets TrainConfig fields (not name or variant)",
             )
-        tags.append(case["tag"])
+        # one tag may name cases of different variants (m1 for shift-layer and scale-layer)
+        tags.append((case["tag"], *(case.get(k) for k in ("norm", "shift", "scale"))))
     if len(set(tags)) != len(tags):
-        raise TrainError(f"recipe {path}: repeated case tags", hint="give each case its own tag")
+        raise TrainError(
+            f"recipe {path}: repeated case tags",
+            hint="give each case its own tag (cases that share one set different shift/scale/norm)",
+        )
 
 
 def available() -> dict[str, Path]:
