@@ -239,6 +239,11 @@ def _print_table(summary: dict) -> None:
     how = {"fx": "the FX graph", "hybrid": "the FX graph + activation modules inside leaves",
            "eager": "activation modules only, no graph"}.get(method, method)  # fmt: skip
     console.print(f"method: {method} ({how})")
+    if traced := summary.get("traced_with"):
+        console.print(
+            f"traced with an example call of {traced['example_inputs']}: its "
+            f"{traced['decisions']} shape/dtype checks are fixed in the graph (docs/insert.md)"
+        )
     for u in summary.get("unreached", []):
         console.print(
             f"[yellow]unreached:[/] {escape(u['target'])} x{u['calls']} at {escape(u['name'])}: "

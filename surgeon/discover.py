@@ -147,7 +147,10 @@ def _analyse_graph(
     final: str,
     placement: str = "activations",
 ) -> Analysis:
-    gm = trace(model, leaf_types, copy_model=not inplace, n_inputs=len(inputs), compile=False)
+    gm = trace(
+        model, leaf_types, copy_model=not inplace, n_inputs=len(inputs), compile=False,
+        example_inputs=inputs,
+    )  # fmt: skip
     if getattr(model, "surgeon_source", None) is not None:
         set_preserved(gm, "surgeon_source", copy.deepcopy(model.surgeon_source))
     if placement == "ssf":  # layers of the graph only; activations are not the question

@@ -55,7 +55,9 @@ class PassEntry:
 
 
 # results a pass may leave, in the order surgery.json lists them
-_OPTIONAL = ("warnings", "method", "finals", "unreached", "batchnorm", "replace_norm", "fold")
+_OPTIONAL = (
+    "warnings", "method", "finals", "unreached", "batchnorm", "replace_norm", "fold", "traced_with",
+)  # fmt: skip
 
 
 @dataclass
@@ -72,6 +74,9 @@ class SurgeryRecord:
     batchnorm: list[str] | None = None  # modules insert_batchnorm added
     replace_norm: dict | None = None  # {"replaced": [...], "skipped": [...]}
     fold: dict | None = None  # {"folded": [...], "scale_folded": [...], "kept": [...]}
+    # {"example_inputs": [[2, 3, 224, 224]], "decisions": 9}: the graph was traced with an
+    # example call (surgeon.example_tracing), its shape/dtype checks fixed at those inputs
+    traced_with: dict | None = None
 
     @classmethod
     def of(cls, model: nn.Module) -> SurgeryRecord:

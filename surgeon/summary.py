@@ -66,4 +66,5 @@ def insertion_summary(
         "max_abs_diff_at_init": diff,
         "method": rec.method or "fx",  # fx, hybrid (+ sites inside leaves) or eager
         "unreached": rec.unreached or [],  # activation calls no site reaches, with reasons
+        **({"traced_with": rec.traced_with} if rec.traced_with else {}),
     }

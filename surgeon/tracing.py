@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_arg
 
-from . import _fx_fast, registry
+from . import _fx_fast, example_tracing, registry
 from ._fx_fast import watch_training  # noqa: F401  (tests and benchmarks reach it here)
 from .errors import TraceError
 from .layers import ShiftScale
@@ -210,10 +210,15 @@ def trace(
     copy_model: bool = True,
     n_inputs: int = 1,
     compile: bool = True,
+    example_inputs: Sequence[torch.Tensor] | None = None,
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` (a deep copy unless ``copy_model=False``) in its
     current train/eval mode, for calls with ``n_inputs`` positional tensors. With
-    ``compile=False`` the code is generated on the first call (see :func:`graph_module`)."""
+    ``compile=False`` the code is generated on the first call (see :func:`graph_module`).
+
+    Where the plain trace fails and ``example_inputs`` are given, the model is traced again
+    with an example call alongside (:mod:`surgeon.example_tracing`): shape and dtype checks
+    take the example's answer. The graph says so in ``surgeon_traced_with``."""
     leaf_modules = tuple(leaf_modules)
     if isinstance(model, fx.GraphModule):
         root = copy.deepcopy(model) if copy_model else model
@@ -232,15 +237,57 @@ def trace(
             graph = _trace_graph(root, leaf_modules, concrete)
             other = _trace_in_other_mode(root, leaf_modules, concrete)
             dependent, dropouts = _compare_graphs(graph, other, trained=root.training)
+        traced_with = None
     except Exception as exc:  # the tracer raises many types; all mean "not traceable"
-        raise _trace_error(model, exc) from exc
+        if not example_inputs:
+            raise _trace_error(model, exc) from exc
+        try:
+            graph, dependent, dropouts, traced_with = _trace_with_example(
+                root, leaf_modules, example_inputs
+            )
+        except Exception as again:
+            raise _trace_error(model, again) from again
     gm = graph_module(root, graph, type(model).__name__, compile)
     _dropouts_to_modules(gm, dropouts)
     if dropouts and compile:
         gm.recompile()
     gm.train(model.training)
     set_preserved(gm, "surgeon_mode_dependent", dependent)
+    if traced_with is not None:
+        set_preserved(gm, "surgeon_traced_with", traced_with)
     return gm
+
+
+class _ExampleTracer(example_tracing.ExampleTracing, SurgeonTracer):
+    """:class:`SurgeonTracer` that traces with an example call (no fast path)."""
+
+
+def _trace_with_example(
+    root: nn.Module, leaf_modules: Sequence[type], inputs: Sequence[torch.Tensor]
+) -> tuple[fx.Graph, bool, dict, dict[str, Any]]:
+    """Trace ``root`` with the example ``inputs`` in its mode and in the other one:
+    ``(graph, mode_dependent, dropouts, traced_with)``. The example calls leave the model
+    as they found it (batch-norm statistics, the RNG that dropout draws from)."""
+    buffers = [b.detach().clone() for b in root.buffers()]
+    rng = torch.get_rng_state()
+    mode = root.training
+    try:
+        tracer = _ExampleTracer(leaf_modules)
+        graph = tracer.trace_example(root, inputs)
+        root.train(not mode)
+        try:
+            other = _ExampleTracer(leaf_modules).trace_example(root, inputs)
+        except Exception:  # traceable in one mode only: keep to that mode
+            other = None
+    finally:
+        root.train(mode)
+        with torch.no_grad():
+            for b, saved in zip(root.buffers(), buffers, strict=True):
+                b.copy_(saved)
+        torch.set_rng_state(rng)
+    dependent, dropouts = _compare_graphs(graph, other, trained=mode)
+    traced_with = {"example_inputs": [list(x.shape) for x in inputs], "decisions": tracer.decisions}
+    return graph, dependent, dropouts, traced_with
 
 
 def _trace_with_replays(

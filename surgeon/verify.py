@@ -19,7 +19,7 @@ def max_abs_diff_at_init(base: nn.Module, gm: nn.Module, inputs: tuple[torch.Ten
     finally:
         base.train(was[0])
         gm.train(was[1])
-    flat_a, flat_b = _flatten(a), _flatten(b)
+    flat_a, flat_b = flatten_tensors(a), flatten_tensors(b)
     if len(flat_a) != len(flat_b):
         return float("inf")
     diffs = [
@@ -30,11 +30,13 @@ def max_abs_diff_at_init(base: nn.Module, gm: nn.Module, inputs: tuple[torch.Ten
     return max(diffs, default=0.0)
 
 
-def _flatten(out: Any) -> list[torch.Tensor]:
+def flatten_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output: a tensor, or those in a (nested) dict, list or
+    tuple (transformers' ``ModelOutput`` is a dict)."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
-        return [t for v in out.values() for t in _flatten(v)]
+        return [t for v in out.values() for t in flatten_tensors(v)]
     if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flatten(v)]
+        return [t for v in out for t in flatten_tensors(v)]
     return []

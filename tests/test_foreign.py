@@ -3,6 +3,7 @@ other libraries (transformers vision models, when transformers is installed)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -95,26 +96,55 @@ def _logits(out):
 
 @pytest.mark.parametrize(("build", "gelus"), [(_vit, 2), (_convnext, 2)])
 def test_transformers_vision_models(build, gelus) -> None:
+    """Traced with an example call (their shape/dtype checks and decorated forwards stop the
+    plain tracer): an FX graph whose sites are the GELUs that run, exact at init, returning
+    the model's own output type, for any batch size."""
     torch.manual_seed(0)
     model = build().eval()
-    gm = surgeon.insert(model, "layer", "layer", input_size=[3, 32, 32])
+    gm = surgeon.insert(model, "layer", "layer", input_size=[3, 32, 32], fallback="never")
     rec = gm.surgeon_record
+    assert isinstance(gm, torch.fx.GraphModule) and rec.method == "fx"
+    assert (
+        rec.traced_with["example_inputs"] == [[2, 3, 32, 32]] and rec.traced_with["decisions"] > 0
+    )
     acts = [s for s in rec.sites if s.kind == "activation"]
     assert len(acts) == gelus and all(s.target == "transformers.GELUActivation" for s in acts)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(_logits(gm.eval()(x)), _logits(model(x)))
+    assert [s.kind for s in rec.sites].count("input") == 1
+    for batch in (2, 5):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            out, ref = gm.eval()(x), model(x)
+        assert type(out) is type(ref)
+        assert torch.equal(out.logits, ref.logits)
 
 
-def test_a_trace_failing_inside_a_library_names_it() -> None:
+def test_a_trace_failing_inside_a_library_names_it(tmp_path, monkeypatch) -> None:
+    """Data-dependent control flow in an installed package: the error names the package's
+    frame and the user's nearest one, and the hint says the code is not theirs."""
+    lib = tmp_path / "site-packages" / "gatelib"
+    lib.mkdir(parents=True)
+    (lib / "__init__.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Gate(nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        if x.sum() > 0:\n"
+        "            return torch.relu(x)\n"
+        "        return x\n"
+    )
+    monkeypatch.syspath_prepend(str(lib.parent))
+    import gatelib
+
+    model = nn.Sequential(nn.Linear(4, 4), gatelib.Gate(), nn.Linear(4, 2))
     with pytest.raises(surgeon.SurgeonError) as exc:
-        surgeon.insert(_vit().eval(), input_size=[3, 32, 32], fallback="never")
-    assert "inside transformers at " in exc.value.message
-    assert "code of transformers, not yours" in exc.value.hint
+        surgeon.insert(model, input_size=[4], fallback="never")
+    assert "inside gatelib at " in exc.value.message
+    assert "__init__.py:7" in exc.value.message
+    assert "code of gatelib, not yours" in exc.value.hint
 
 
-def test_training_a_transformers_model_from_a_file(tmp_path, monkeypatch) -> None:
-    """Its output is an ImageClassifierOutput: the engine trains on its logits."""
+def test_a_transformers_model_from_a_file_inserts_trains_and_folds(tmp_path, monkeypatch) -> None:
+    """The whole path from a model file: surgeon insert, surgeon train (its output is an
+    ImageClassifierOutput: the engine trains on its logits), surgeon fold of the trained run
+    (every shift/scale folded, the input's too: x.shape reads no values)."""
     from surgeon_cli.app import main
 
     (tmp_path / "vit.py").write_text(
@@ -125,11 +155,24 @@ def test_training_a_transformers_model_from_a_file(tmp_path, monkeypatch) -> Non
         "    return transformers.ViTForImageClassification(cfg)\n"
     )
     monkeypatch.chdir(tmp_path)
-    argv = ["train", "--model", "vit.py", "--data", "sample", "--limit-train", "100",
-            "--limit-test", "50", "--batch-size", "50", "--epochs", "1", "--device", "cpu",
-            "--out", "runs", "--name", "v", "--quiet"]  # fmt: skip
+    assert main(["insert", "vit.py", "--input-size", "3,32,32", "-o", "ins", "--json"]) == 0
+    record = json.loads((tmp_path / "ins" / "surgery.json").read_text())
+    assert record["method"] == "fx" and record["traced_with"]["example_inputs"] == [[2, 3, 32, 32]]
+    argv = ["train", "--model", "vit.py", "--trust-code", "--data", "sample", "--limit-train",
+            "100", "--limit-test", "50", "--batch-size", "50", "--epochs", "1", "--device",
+            "cpu", "--out", "runs", "--name", "v", "--quiet"]  # fmt: skip
     assert main(argv) == 0
     assert (tmp_path / "runs" / "v" / "summary.json").is_file()
+    assert main(["fold", "runs/v", "-o", "folded", "--trust-code", "--json"]) == 0
+    folded = json.loads((tmp_path / "folded" / "surgery.json").read_text())["fold"]
+    assert folded["folded"] == ["ss_pixel_values", "ss_vit_layers_0_mlp_activation_fn"]
+    assert folded["kept"] == [] and folded["scale_folded"] == []
+    trained = surgeon.load(tmp_path / "runs" / "v", trust_code=True).eval()
+    small = surgeon.load(tmp_path / "folded", trust_code=True).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(small(x).logits, trained(x).logits, atol=1e-5)
+    assert not any(type(m).__name__ == "ShiftScale" for m in small.modules())
 
 
 def test_a_library_in_a_site_packages_inside_the_standard_library_is_still_named() -> None:

@@ -18,9 +18,10 @@ from torch import fx, nn
 
 from .. import shapes
 from ..errors import SurgeryError
+from ..example_tracing import reads_metadata_only
 from ..layers import ChannelBatchNorm, ShiftScale, make_shift_scale
 from ..record import PassEntry, SurgeryRecord, finish, register_pass
-from ..verify import max_abs_diff_at_init
+from ..verify import flatten_tensors, max_abs_diff_at_init
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -200,6 +201,8 @@ def _following(ctx: _Context, node: fx.Node, ss: ShiftScale) -> tuple[list[_Targ
         shape = shapes.node_shape(n) or ()
         rank = len(shape)
         for user in n.users:
+            if reads_metadata_only(user, n):  # x.shape: the same before and after folding
+                continue
             mod = _module(gm, user)
             if isinstance(mod, (nn.Identity, *_DROPOUTS)):
                 walk(user, vary, flat, dropout or _drops(mod))
@@ -470,7 +473,7 @@ def fold(
                 out = model(*inputs)
             finally:
                 model.train(was)
-            outs = [out] if isinstance(out, torch.Tensor) else []
+            outs = [o for o in flatten_tensors(out) if o.numel()]
             report.max_abs_output = max((o.abs().max().item() for o in outs), default=None)
     return gm, report
 

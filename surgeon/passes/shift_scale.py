@@ -152,6 +152,7 @@ def insert(
     )
     record.sites = [s.description() for s in chosen]
     record.method, record.finals, record.unreached = a.method, a.finals, a.unreached
+    record.traced_with = copy.deepcopy(getattr(a.model, "surgeon_traced_with", None))
     return finish(a.model, record, training)
 
 

@@ -132,3 +132,72 @@ if __name__ == "__main__" and (HERE / "snapshots.json").is_file():
     for prefix in ("repro-cpu-mlp", "repro-cpu-mlp-dropout"):
         table = trajectories(prefix, variant="shift-layer+scale-layer")
         print(f"\n### {prefix}: layer-wise shift+scale values (snapshots)\n\n{table}")
+
+
+def similarity(prefix: str, variant: str = "shift-layer+scale-layer", epoch: int = -1) -> str:
+    """How alike the learned values of two runs are, over every site's shift and scale at
+    ``epoch`` (default: the last) of the runs that finished (no divergence): for pairs of runs that differ only in seed (same LR, same
+    case) and pairs that differ only in LR (same seed, same case), the mean absolute
+    difference over all values and their Pearson correlation; mean ± std over the pairs."""
+    import itertools
+    import statistics
+
+    snaps = json.loads((HERE / "snapshots.json").read_text())
+    runs = []
+    for key, run in snaps.items():
+        if key == "throughput" or not key.startswith(prefix + "/"):
+            continue
+        c = run["config"]
+        if c["variant"] != variant or not run["values"]:
+            continue
+        params = sorted(run["values"])
+        runs.append((c, params, [run["values"][p] for p in params]))
+    full = max((len(v[0]) for _, _, v in runs), default=0)  # runs that diverged stop early
+    runs = [(c, p, [x[epoch] for x in v]) for c, p, v in runs if len(v[0]) == full]
+
+    def pearson(a: list[float], b: list[float]) -> float | None:
+        ma, mb = statistics.fmean(a), statistics.fmean(b)
+        va = sum((x - ma) ** 2 for x in a) ** 0.5
+        vb = sum((y - mb) ** 2 for y in b) ** 0.5
+        return (
+            None
+            if va == 0 or vb == 0
+            else sum((x - ma) * (y - mb) for x, y in zip(a, b)) / (va * vb)
+        )
+
+    groups: dict[str, list[tuple[float, float | None]]] = {"seed": [], "lr": [], "case": []}
+    for (c1, p1, v1), (c2, p2, v2) in itertools.combinations(runs, 2):
+        same = {k for k in ("seed", "lr", "tag") if c1[k] == c2[k]}
+        if p1 != p2 or len(same) != 2:
+            continue
+        kind = {"seed", "lr", "tag"}.difference(same).pop()
+        kind = "case" if kind == "tag" else kind
+        mad = statistics.fmean(abs(x - y) for x, y in zip(v1, v2))
+        groups[kind].append((mad, pearson(v1, v2)))
+
+    def ms(vals: list[float]) -> str:
+        if not vals:
+            return "-"
+        s = statistics.stdev(vals) if len(vals) > 1 else None
+        return f"{statistics.fmean(vals):.3f}" + (f" ± {s:.3f}" if s is not None else "")
+
+    n_values = len(runs[0][1]) if runs else 0
+    out = [
+        f"| pairs that differ in | pairs | mean \\|difference\\| over {n_values} values | correlation |"
+    ]
+    out.append("|---|---:|---:|---:|")
+    labels = (("seed", "seed only"), ("lr", "LR only"), ("case", "case only (e.g. multiplier)"))
+    for kind, label in labels:
+        pairs = groups[kind]
+        if not pairs and kind == "case":
+            continue
+        corr = [r for _, r in pairs if r is not None]
+        out.append(f"| {label} | {len(pairs)} | {ms([m for m, _ in pairs])} | {ms(corr)} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__" and (HERE / "snapshots.json").is_file():
+    for prefix in ("repro-cpu-mlp", "repro-cpu-mlp-dropout", "repro-cpu-allconv"):
+        print(
+            f"\n### {prefix}: similarity of the learned values across runs\n\n{similarity(prefix)}"
+        )
