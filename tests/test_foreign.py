@@ -90,11 +90,19 @@ def _convnext():
     return transformers.ConvNextForImageClassification(cfg)
 
 
+def _swin():
+    cfg = transformers.SwinConfig(
+        image_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+        window_size=2, num_labels=5,
+    )  # fmt: skip
+    return transformers.SwinForImageClassification(cfg)
+
+
 def _logits(out):
     return out["logits"] if isinstance(out, dict) else out.logits if hasattr(out, "logits") else out
 
 
-@pytest.mark.parametrize(("build", "gelus"), [(_vit, 2), (_convnext, 2)])
+@pytest.mark.parametrize(("build", "gelus"), [(_vit, 2), (_convnext, 2), (_swin, 2)])
 def test_transformers_vision_models(build, gelus) -> None:
     """Traced with an example call (their shape/dtype checks and decorated forwards stop the
     plain tracer): an FX graph whose sites are the GELUs that run, exact at init, returning
