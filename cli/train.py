@@ -564,7 +564,7 @@ def _nothing_to_do(run: Path, overrides: dict[str, Any]) -> bool:
     its summary came from (a damaged one makes ``--resume`` train again from the last good)."""
     from surgeon import rundir
     from surgeon.train.checkpoint import find_checkpoint
-    from surgeon.train.engine import RUN_FIELDS
+    from surgeon.train.engine import ADDED_RUN_FIELDS, RUN_FIELDS
 
     summary = rundir.read_summary(run, TrainError)
     if summary is None or summary.get("status") != "ok":
@@ -573,7 +573,7 @@ def _nothing_to_do(run: Path, overrides: dict[str, Any]) -> bool:
     if not isinstance(epochs, int) or (summary.get("epochs_run") or 0) < epochs:
         return False
     try:
-        found = find_checkpoint(run / rundir.CHECKPOINTS_DIR, RUN_FIELDS)
+        found = find_checkpoint(run / rundir.CHECKPOINTS_DIR, RUN_FIELDS, ADDED_RUN_FIELDS)
     except TrainError:
         return False  # resume gives the one-line error
     saved = {k: v for k, v in rundir.read_config(run, TrainError).items() if k != "world_size"}

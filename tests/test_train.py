@@ -559,6 +559,31 @@ def test_resume_mid_epoch_is_bit_exact(data, tmp_path):
     assert rows(full, "step") == rows(cut, "step")
 
 
+def test_a_checkpoint_written_before_test_history_resumes(data, tmp_path):
+    """A checkpoint of an older version lacks run.test_history: the resume rebuilds it from
+    metrics.jsonl, and the run ends as an uninterrupted one does."""
+    from surgeon.rundir import json_digest
+
+    cfg = mlp(epochs=3, batch_size=40, checkpoint_every=3)
+    full = tmp_path / "full"
+    assert Trainer(cfg, full, data=data).run()["status"] == "ok"
+    cut = tmp_path / "cut"
+    assert Trainer(cfg, cut, data=data, stop_at_step=12).run()["status"] == "stopped"
+    pointer = json.loads((cut / "checkpoints" / "latest.json").read_text())
+    state_path = cut / "checkpoints" / pointer["checkpoint"] / "state.json"
+    state = json.loads(state_path.read_text())
+    assert len(state["run"].pop("test_history")) == state["run"]["epoch"] == 2
+    state.pop("sha256")
+    state["sha256"] = json_digest(state)  # signed as the older version signed it
+    state_path.write_text(json.dumps(state))
+    summary = resume(cut, data=data)
+    assert (
+        summary["test_err_at_best"]
+        == json.loads((full / "summary.json").read_text())["test_err_at_best"]
+    )
+    assert summary == json.loads((full / "summary.json").read_text())
+
+
 def test_resume_needs_a_checkpoint(data, tmp_path):
     cfg = mlp(epochs=1, checkpoint_every=3)
     assert Trainer(cfg, tmp_path / "r", data=data, stop_at_step=2).run()["status"] == "stopped"

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,9 +113,12 @@ def _first_line(exc: BaseException) -> str:
     return text[:200] if text else type(exc).__name__
 
 
-def check_state(path: Path, run_fields: dict[str, tuple[type, ...]]) -> dict[str, Any]:
+def check_state(
+    path: Path, run_fields: dict[str, tuple[type, ...]], added: Collection[str] = ()
+) -> dict[str, Any]:
     """``state.json`` at ``path``, checked: a JSON object with the known keys, ``run`` with
-    exactly ``run_fields`` (name -> allowed types), and its own sha256. Raises a one-line
+    exactly ``run_fields`` (name -> allowed types; a field in ``added``, which this version
+    added, may be missing from an older checkpoint), and its own sha256. Raises a one-line
     :class:`TrainError` naming the file and what is wrong."""
     try:
         obj = json.loads(path.read_text())
@@ -135,11 +139,14 @@ def check_state(path: Path, run_fields: dict[str, tuple[type, ...]]) -> dict[str
     run = obj["run"]
     if not isinstance(run, dict):
         raise _bad(path, "has a 'run' that is not an object")
-    unknown, missing = sorted(set(run) - set(run_fields)), sorted(set(run_fields) - set(run))
+    unknown = sorted(set(run) - set(run_fields))
+    missing = sorted(set(run_fields) - set(run) - set(added))
     if unknown or missing:
         keys = [f"unknown run.{k}" for k in unknown] + [f"missing run.{k}" for k in missing]
         raise _bad(path, f"does not fit this version of the trainer: {', '.join(keys)}")
     for key, types in run_fields.items():
+        if key not in run:  # an added field an older version did not write
+            continue
         value = run[key]
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
         if ok and isinstance(value, list):
@@ -190,9 +197,11 @@ def check_files(folder: Path, state: dict[str, Any]) -> None:
             raise _bad(path, f"is not a readable safetensors file ({_first_line(exc)})") from None
 
 
-def check_checkpoint(folder: Path, run_fields: dict[str, tuple[type, ...]]) -> dict[str, Any]:
+def check_checkpoint(
+    folder: Path, run_fields: dict[str, tuple[type, ...]], added: Collection[str] = ()
+) -> dict[str, Any]:
     """A checkpoint folder checked before anything is loaded from it: its ``state.json``."""
-    state = check_state(folder / rundir.STATE_FILE, run_fields)
+    state = check_state(folder / rundir.STATE_FILE, run_fields, added)
     check_files(folder, state)
     return state
 
@@ -212,7 +221,9 @@ class Found:
         return f"resuming from {self.path.name} (the newest intact checkpoint): {'; '.join(self.notes)}"
 
 
-def find_checkpoint(folder: Path, run_fields: dict[str, tuple[type, ...]]) -> Found:
+def find_checkpoint(
+    folder: Path, run_fields: dict[str, tuple[type, ...]], added: Collection[str] = ()
+) -> Found:
     """The newest intact checkpoint under ``folder`` (``latest.json`` names the newest
     complete one; a damaged one is passed over and noted). Raises a one-line
     :class:`TrainError` naming the damage when none is intact."""
@@ -236,7 +247,7 @@ def find_checkpoint(folder: Path, run_fields: dict[str, tuple[type, ...]]) -> Fo
     errors: list[TrainError] = []
     for path in candidates:
         try:
-            state = check_checkpoint(path, run_fields)
+            state = check_checkpoint(path, run_fields, added)
         except TrainError as exc:
             errors.append(exc)
             notes.append(exc.message)

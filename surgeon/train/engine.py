@@ -133,6 +133,9 @@ RUN_FIELDS: dict[str, tuple[type, ...]] = {
     "final_val_err": _MAYBE, "history": (list,), "world_size": (int,), "test_history": (list,),
 }  # fmt: skip
 assert set(RUN_FIELDS) == set(RunState().to_dict())
+# fields added after the first checkpoints were written: an older checkpoint lacks them and
+# resumes with them rebuilt (test_history: from the epoch rows of metrics.jsonl)
+ADDED_RUN_FIELDS = ("test_history",)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -324,9 +327,11 @@ class Trainer:
     def _reopen(self) -> None:
         """Resume: the newest intact checkpoint, checked against the config and world size
         before anything is loaded; the command line's changes logged as events."""
-        found = find_checkpoint(self.out / rundir.CHECKPOINTS_DIR, RUN_FIELDS)
+        found = find_checkpoint(self.out / rundir.CHECKPOINTS_DIR, RUN_FIELDS, ADDED_RUN_FIELDS)
         changes = self._config_changes(found)
-        saved = found.state["run"]
+        saved = dict(found.state["run"])
+        if "test_history" not in saved:
+            saved["test_history"] = test_history_from_metrics(self.out, saved["epoch"])
         if saved["world_size"] != self.dist.world_size:
             raise TrainError(
                 f"{self.out} was trained with {saved['world_size']} process(es), not {self.dist.world_size}",
@@ -714,7 +719,7 @@ class Trainer:
         folder = self.out / rundir.CHECKPOINTS_DIR
         for ckpt in sorted(folder.glob("step_*"), reverse=True):
             try:
-                run = check_checkpoint(ckpt, RUN_FIELDS)["run"]
+                run = check_checkpoint(ckpt, RUN_FIELDS, ADDED_RUN_FIELDS)["run"]
             except TrainError:
                 continue  # a damaged checkpoint is no good either
             if run["batch"] == 0 or run["step"] < diverged_at - 1:
@@ -736,6 +741,21 @@ def check_data(cfg: TrainConfig, data: ImageData) -> None:
             f"--data {cfg.data} has {data.num_classes} classes; this run is for {cfg.classes}",
             hint="pass data with that many classes (a recipe states its dataset), or --classes 0",
         )
+
+
+def test_history_from_metrics(run: Path, epochs: int) -> list[float]:
+    """The test error of epochs 1..``epochs`` from ``metrics.jsonl``'s epoch rows, for a
+    checkpoint written before RunState kept them: ``test_err``, or ``val_err`` in rows
+    written before the validation split (then the test split was the only one). Empty when
+    an epoch is missing: the test error at the best epoch is then unknown, not wrong."""
+    _, rows, _, _ = rundir.read_metrics(run)
+    by_epoch = {}
+    for row in rows:
+        value = row.get("test_err", row.get("val_err") if "select_split" not in row else None)
+        if isinstance(row.get("epoch"), int) and isinstance(value, (int, float)):
+            by_epoch[row["epoch"]] = float(value)
+    history = [by_epoch.get(e) for e in range(1, epochs + 1)]
+    return [] if None in history else history
 
 
 def selection_summary(st: RunState, has_val: bool) -> dict[str, Any]:
