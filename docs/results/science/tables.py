@@ -201,3 +201,37 @@ if __name__ == "__main__" and (HERE / "snapshots.json").is_file():
         print(
             f"\n### {prefix}: similarity of the learned values across runs\n\n{similarity(prefix)}"
         )
+
+
+def step_sizes(prefix: str, epochs: tuple[int, ...] = (1, 8)) -> str:
+    """The effective step size of the weight layer after each site (mean |dW|/|W| per
+    optimiser step over the epoch, from the probes): mean over seeds per variant and case,
+    one column per site, one row per epoch (from snapshots.json's "steps")."""
+    snaps = json.loads((HERE / "snapshots.json").read_text())
+    cells: dict[tuple[str, int], dict[str, list[float]]] = {}
+    sites: list[str] = []
+    for key, run in snaps.items():
+        if key == "throughput" or not key.startswith(prefix + "/") or "steps" not in run:
+            continue
+        c = run["config"]
+        label = c["variant"] + (f" [{c['tag']}]" if c["tag"] and c["tag"] != "base" else "")
+        for site, values in run["steps"].items():
+            if site not in sites:
+                sites.append(site)
+            for e in epochs:
+                if e < len(values) and values[e] is not None:
+                    cells.setdefault((label, e), {}).setdefault(site, []).append(values[e])
+    out = ["| variant | epoch | " + " | ".join(sites) + " |"]
+    out.append("|---|---:|" + "---:|" * len(sites))
+    for (label, e), by_site in sorted(cells.items()):
+        vals = [by_site.get(s) for s in sites]
+        out.append(
+            f"| {label} | {e} | "
+            + " | ".join("-" if not v else f"{sum(v) / len(v):.4f}" for v in vals)
+            + " |"
+        )
+    return "\n".join(out)
+
+
+if __name__ == "__main__" and (HERE / "snapshots.json").is_file():
+    print(f"\n### repro-cpu-allconv: step sizes\n\n{step_sizes('repro-cpu-allconv')}")
