@@ -242,7 +242,8 @@ def _print_table(summary: dict) -> None:
     if traced := summary.get("traced_with"):
         console.print(
             f"traced with an example call of {traced['example_inputs']}: its "
-            f"{traced['decisions']} shape/dtype checks are fixed in the graph (docs/insert.md)"
+            f"{traced['decisions']} shape/dtype decisions are fixed in the graph, each guarded "
+            "(docs/insert.md)"
         )
     for u in summary.get("unreached", []):
         console.print(

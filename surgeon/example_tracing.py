@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import inspect
 import operator
+import os
+import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -57,7 +59,10 @@ class ExampleProxy(fx.Proxy):
     the example value when that value is metadata."""
 
     def __len__(self) -> int:
-        return len(self.tracer.decide(self, "len"))
+        n = self.tracer.length(self)
+        if n is None:
+            self.tracer.decide(self, "len")  # raises: no sized example value
+        return n
 
     def __int__(self) -> int:
         return int(self.tracer.decide(self, "int"))
@@ -171,24 +176,55 @@ class ExampleTracing(fx.Tracer):
                 f"symbolically traced variables cannot be used as inputs to control flow "
                 f"({what} of {node.format_node()}, which {why})"
             )
+        value = self.values[node]
+        if what == "bool":
+            self._guard(proxy, bool(value), what)
+        elif what != "len":  # int, index, float
+            self._guard(proxy, value, what)
+        return value
+
+    def _guard(self, proxy: fx.Proxy, expected: Any, what: str) -> None:
+        """Record the decision in the graph as a ``torch._assert``: an input that would take
+        another path fails loudly instead of running the example's path."""
         self.decisions += 1
-        return self.values[node]
+        where = _caller()
+        shapes = [list(x.shape) for x in self._inputs if isinstance(x, torch.Tensor)]
+        message = (
+            f"fx-surgeon traced this model with an example call of {shapes}; at {where} this "
+            f"input takes another path ({what} was {expected!r} there): insert it again with "
+            "this input's size (--input-size)"
+        )
+        if what == "bool":
+            fn = operator.truth if expected else operator.not_
+            cond = self.create_proxy("call_function", fn, (proxy,), {})
+        elif what == "len":
+            n = self.create_proxy("call_function", len, (proxy,), {})
+            cond = self.create_proxy("call_function", operator.eq, (n, expected), {})
+        else:
+            cond = self.create_proxy("call_function", operator.eq, (proxy, expected), {})
+        self.create_proxy("call_function", torch._assert, (cond, message), {})
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         return bool(self.decide(obj, "bool"))
 
-    def iter(self, obj: fx.Proxy) -> Iterator:
-        node = obj.node
-        value = self.values.get(node, _NO_VALUE)
-        if isinstance(value, torch.Tensor):  # iterating a tensor: its first dimension
+    def length(self, obj: fx.Proxy) -> int | None:
+        """The example's length of ``obj`` (a tensor's first dimension), guarded; None when
+        it has no example value of a sized kind."""
+        value = self.values.get(obj.node, _NO_VALUE)
+        if isinstance(value, torch.Tensor):
             n = value.shape[0] if value.dim() else None
         elif isinstance(value, (tuple, list, torch.Size)):
             n = len(value)
         else:
             n = None
+        if n is not None:
+            self._guard(obj, n, "len")
+        return n
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        n = self.length(obj)
         if n is None:
             return super().iter(obj)
-        self.decisions += 1
         return iter([obj[i] for i in range(n)])
 
     # -- running modules and attributes for real while a value is computed ----------------
@@ -267,6 +303,16 @@ def _keep_output_type(graph: fx.Graph, returned: type | None) -> None:
     output.args = (rebuilt,)
 
 
+def _caller() -> str:
+    """``file:line`` of the innermost frame outside torch and fx-surgeon: where the model
+    asked its question."""
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+    for frame in reversed(traceback.extract_stack()):
+        if not os.path.abspath(frame.filename).startswith(skip):
+            return f"{frame.filename}:{frame.lineno}"
+    return "?"
+
+
 def _drop_dead_metadata(graph: fx.Graph, metadata: set[fx.Node]) -> None:
     """Remove what only fed a Python decision: unused metadata nodes and the unused
     ``get_attr`` nodes (a weight read for its dtype) left behind."""
@@ -274,7 +320,7 @@ def _drop_dead_metadata(graph: fx.Graph, metadata: set[fx.Node]) -> None:
     while changed:
         changed = False
         for node in reversed(list(graph.nodes)):
-            if node.users or node.op == "output":
+            if node.users or node.op == "output" or node.target is torch._assert:
                 continue
             if (
                 node in metadata

@@ -87,12 +87,19 @@ def test_plain_tracer_fails_and_the_example_trace_gives_exact_sites() -> None:
             assert torch.equal(gm(x), model(x))
 
 
-def test_what_only_fed_a_decision_leaves_the_graph() -> None:
+def test_each_decision_is_guarded_in_the_graph() -> None:
+    """An input that would take another path fails loudly, naming the line that decided,
+    instead of running the example's path."""
     gm = surgeon.insert(ShapeChecks().eval(), input_size=[8], fallback="never")
-    ops = [(n.op, n.target) for n in gm.graph.nodes]
-    assert ("get_attr", "fc1.weight") not in ops  # read for its dtype only
-    assert not any(t in (fx.node.operator.ne,) for _, t in ops)  # the dtype comparison
-    assert sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is getattr) == 1
+    asserts = [n for n in gm.graph.nodes if n.target is torch._assert]
+    assert len(asserts) == gm.surgeon_record.traced_with["decisions"] == 3
+    with pytest.raises(
+        AssertionError, match=r"example call of \[\[2, 8\]\]; at .*test_example_tracing"
+    ):
+        gm(torch.randn(2, 4, 8))  # rank 3: len(x.shape) is not 2
+    with pytest.raises(AssertionError, match="--input-size"):
+        gm(torch.randn(2, 8, dtype=torch.float64))  # x.dtype != fc1.weight.dtype now
+    assert gm(torch.randn(9, 8)).shape == (9, 3)
 
 
 def test_a_decorated_root_forward_gets_its_own_input_names_and_output_type() -> None:
