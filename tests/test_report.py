@@ -491,3 +491,29 @@ def test_folders_without_a_hold_out_read_as_selected_on_test(tmp_path):
     (row,) = rep["runs"]
     assert row["selected_on"] == "test"
     assert (row["test_err_at_best"], row["final_test_err"]) == (0.4, 0.5)
+
+
+def test_cases_of_one_variant_are_separate_lines(tmp_path):
+    """Two recipe cases (multiplier 1 and 0.1) of one variant: two labelled lines, in the
+    variant order, plain first."""
+    from surgeon.analysis.report import _by_variant, line_label
+    from surgeon.analysis.runs import load_runs
+
+    root = tmp_path / "q"
+    for tag in ("m1", "m0.1"):
+        run = write_run(root, "shift-layer+scale-layer", 0.04, 0, [0.6, 0.5])
+        config = json.loads((run / "config.json").read_text())
+        config.update(tag=tag, name=f"{run.name}_{tag}")
+        (run / "config.json").write_text(json.dumps(config))
+        run.rename(root / f"{run.name}_{tag}")
+    write_run(root, "plain", 0.04, 0, [0.7, 0.6])
+    runs = load_runs([root])
+    assert {line_label(r) for r in runs} == {
+        "plain", "shift-layer+scale-layer [m0.1]", "shift-layer+scale-layer [m1]",
+    }  # fmt: skip
+    assert list(_by_variant(runs)) == [
+        "plain", "shift-layer+scale-layer [m0.1]", "shift-layer+scale-layer [m1]",
+    ]  # fmt: skip
+    from surgeon.analysis.report import build_report
+
+    assert build_report([root], tmp_path / "out")["figures"]

@@ -203,11 +203,25 @@ def _x_diverged(runs: list[Run]) -> str:
     return "; x: diverged" if any(r.status == "diverged" for r in runs) else ""
 
 
+def line_label(run: Run) -> str:
+    """A figure line's label: the variant, and the recipe case it belongs to (``m1``, ``m0.1``)
+    when it has one, so two cases of one variant are two lines."""
+    tag = str(run.config.get("tag") or "")
+    return run.variant + (f" [{tag}]" if tag else "")
+
+
+def _line_order(runs: list[Run]) -> list[str]:
+    """Line labels in :func:`variant_order`, the cases of a variant together."""
+    rank = {v: i for i, v in enumerate(variant_order({r.variant for r in runs}))}
+    keys = {line_label(r): (rank[r.variant], str(r.config.get("tag") or "")) for r in runs}
+    return sorted(keys, key=keys.__getitem__)
+
+
 def _by_variant(runs: list[Run]) -> dict[str, list[Run]]:
     out: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
-        out[r.variant].append(r)
-    return {v: out[v] for v in variant_order(set(out))}
+        out[line_label(r)].append(r)
+    return {v: out[v] for v in _line_order(runs)}
 
 
 def _series(values: list[Any]) -> list[float]:
@@ -558,7 +572,8 @@ def build_report(
         ),
     )
     agg = aggregate(rows)
-    pal = dict(zip(variants, colors(len(variants))))
+    lines = _line_order(runs)
+    pal = dict(zip(lines, colors(len(lines))))
     groups = group_runs(runs)
     figures: list[dict[str, str]] = []
     for name, rs in groups.items():
