@@ -354,27 +354,38 @@ def _site_order(runs: list[Run]) -> list[str]:
     return sorted(order, key=order.__getitem__)
 
 
+def _probed_epoch(run: Run, which: str, metric: str | None = None) -> int | None:
+    """The first or last epoch ``run`` was probed at (where ``metric`` has a value: a step
+    size has none at epoch 0, before any step)."""
+    epochs = sorted(
+        {
+            p["epoch"]
+            for p in run.probes
+            if p.get("epoch") is not None and (metric is None or _finite(p.get(metric)))
+        }
+    )
+    if not epochs:
+        return None
+    return epochs[0] if which == "first" else epochs[-1]
+
+
 def _probe_values(rs: list[Run], which: str, sites: list[str], metric: str) -> list[float]:
-    """Mean over ``rs`` of ``metric`` per site, at each run's first or last probed epoch."""
+    """Mean over ``rs`` of ``metric`` per site, at each run's first or last probed epoch
+    that has the metric."""
     acc: dict[str, list[float]] = defaultdict(list)
     for r in rs:
-        epochs = sorted({p.get("epoch") for p in r.probes if p.get("epoch") is not None})
-        if not epochs:
+        epoch = _probed_epoch(r, which, metric)
+        if epoch is None:
             continue
-        epoch = epochs[0] if which == "first" else epochs[-1]
         for p in r.probes:
             if p.get("epoch") == epoch and _finite(p.get(metric)):
                 acc[p["site"]].append(float(p[metric]))
     return [sum(acc[s]) / len(acc[s]) if acc[s] else math.nan for s in sites]
 
 
-def _epoch_label(runs: list[Run], which: str) -> str:
+def _epoch_label(runs: list[Run], which: str, metric: str | None = None) -> str:
     """``epoch 0 (init)`` / ``epoch 3`` when all runs agree, else ``first/last probed epoch``."""
-    picked = set()
-    for r in runs:
-        epochs = sorted({p["epoch"] for p in r.probes if p.get("epoch") is not None})
-        if epochs:
-            picked.add(epochs[0] if which == "first" else epochs[-1])
+    picked = {_probed_epoch(r, which, metric) for r in runs} - {None}
     if len(picked) != 1:
         return f"{which} probed epoch"
     (epoch,) = picked
@@ -415,7 +426,7 @@ def plot_probes(runs: list[Run], palette: dict[str, Any], path: Path) -> Path | 
                 ax.yaxis.set_minor_formatter(
                     LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4))
                 )
-            ax.set_title(f"{metric} ({_epoch_label(probed, which)})", fontsize=9)
+            ax.set_title(f"{metric} ({_epoch_label(probed, which, metric)})", fontsize=9)
             ax.set_ylabel(ylabel, fontsize=8)
             ax.set_xticks(x)
             if row == 1:  # both rows show the same sites: label the bottom one
