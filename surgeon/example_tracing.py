@@ -97,6 +97,7 @@ class ExampleTracing(fx.Tracer):
         self._inputs: list[Any] = []
         self._running = False  # computing a value: modules run eagerly, attributes are real
         self._leaf: tuple[nn.Module, Any] | None = None
+        self._mode_leaves: set[int] = set()  # ids of drop-path-like modules kept as leaves
 
     # -- the values -------------------------------------------------------------------------
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -233,9 +234,51 @@ class ExampleTracing(fx.Tracer):
             return forward(*args, **kwargs)
         outer, self._leaf = self._leaf, (m, forward)
         try:
+            if id(m) not in self._mode_leaves and self._drops_in_training(m, forward, args, kwargs):
+                self._mode_leaves.add(id(m))
             return super().call_module(m, forward, args, kwargs)
         finally:
             self._leaf = outer
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return id(m) in self._mode_leaves or super().is_leaf_module(m, module_qualified_name)
+
+    def _drops_in_training(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> bool:
+        """A module like transformers' ``BeitDropPath``: no parameters or buffers, a forward
+        that reads ``self.training``, the identity in eval mode on the example. Traced
+        through, it would bake one mode's branch into the graph; as a leaf it keeps
+        following ``.train()``/``.eval()``, like ``nn.Dropout``."""
+        if next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
+            return False
+        try:
+            if "training" not in inspect.getsource(type(m).forward):
+                return False
+        except (OSError, TypeError):
+            return False
+        nodes = fx.node.map_aggregate(
+            (args, kwargs), lambda a: a.node if isinstance(a, fx.Proxy) else a
+        )
+        values, kw = self._value(nodes[0]), self._value(nodes[1])
+        if values is _NO_VALUE or kw is _NO_VALUE or not values:
+            return False
+        if not isinstance(values[0], torch.Tensor):
+            return False
+        was, rng = m.training, torch.get_rng_state()
+        self._running = True
+        try:
+            m.eval()
+            with torch.no_grad():
+                out = forward(*values, **kw)
+        except Exception:
+            return False
+        finally:
+            self._running = False
+            m.train(was)
+            torch.set_rng_state(rng)
+        x = values[0]
+        return out is x or (
+            isinstance(out, torch.Tensor) and out.shape == x.shape and torch.equal(out, x)
+        )
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
         if self._running:

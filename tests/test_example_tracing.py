@@ -189,3 +189,48 @@ def test_reads_metadata_only() -> None:
     graph.output((shape, data, size, add))
     got = [example_tracing.reads_metadata_only(n, x) for n in (shape, data, size, add)]
     assert got == [True, False, True, False]
+
+
+class MyDropPath(nn.Module):
+    """Stochastic depth as transformers writes it: a branch on self.training, no parameters."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = (torch.rand(x.shape[0], 1, device=x.device) > self.p).to(x.dtype)
+        return x * keep / (1 - self.p)
+
+
+class WithDropPath(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)
+        self.drop = MyDropPath(0.5)
+
+    def forward(self, x):
+        if x.shape[-1] != 8:
+            raise ValueError("expected 8 features")
+        h = self.act(self.fc1(x))
+        return self.fc2(h + self.drop(h))
+
+
+def test_a_drop_path_module_stays_a_module_and_follows_the_mode() -> None:
+    """Traced in training mode, a drop-path module kept as a leaf: the graph is exact in eval
+    mode and draws the same masks as the model in training mode; no mode warning."""
+    torch.manual_seed(0)
+    model = WithDropPath().train()
+    gm = surgeon.insert(model, "layer", "layer", input_size=[8], fallback="never")
+    assert ("call_module", "drop") in [(n.op, n.target) for n in gm.graph.nodes]
+    assert not gm.surgeon_record.warnings
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        assert torch.equal(gm.eval()(x), model.eval()(x))
+        gm.train(), model.train()
+        torch.manual_seed(1)
+        a = gm(x)
+        torch.manual_seed(1)
+        assert torch.equal(a, model(x))
