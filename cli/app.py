@@ -6,6 +6,7 @@ Nothing here or in the command modules imports torch at the top: ``--help`` and
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Annotated
 
@@ -66,8 +67,24 @@ def _root(
     pass
 
 
+class _StderrNotes(logging.Handler):
+    """Each record as one plain line on whatever ``sys.stderr`` is when it is emitted."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(record.getMessage(), file=sys.stderr)
+
+
+def _show_library_notes() -> None:
+    """The library's INFO lines (``decoding ... once into the cache``) as plain stderr lines."""
+    log = logging.getLogger("surgeon")
+    if not any(isinstance(h, _StderrNotes) for h in log.handlers):
+        log.addHandler(_StderrNotes())
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: known errors become one line on stderr and exit code 2."""
+    _show_library_notes()
     try:
         rv = app(args=argv, prog_name="surgeon", standalone_mode=False)
         if isinstance(rv, int):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pickle
 import tarfile
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -542,3 +544,25 @@ def test_loader_on_sample(sample):
     xb, yb = next(iter(loader))
     assert xb.shape == (512, 3, 32, 32) and yb.shape == (512,)
     assert abs(float(xb.mean())) < 0.3  # roughly normalised (padding pulls it down a little)
+
+
+def test_a_first_decode_says_so_once(tmp_path, caplog):
+    """The first load of a dataset decodes it (the CIFAR-10 JPEG copy takes about half a
+    minute): one INFO line names the cache; a cache hit says nothing, nor does the embedded
+    sample, which decodes in a moment."""
+    root = tmp_path / "tiny"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                png = torch.randint(0, 255, (3, 8, 8), dtype=torch.uint8)
+                torchvision.io.write_png(png, str(root / split / c / f"{i}.png"))
+    with caplog.at_level(logging.INFO, logger="surgeon.data.sources"):
+        load_data(str(root), cache_dir=tmp_path / "cache")
+        first = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        load_data(str(root), cache_dir=tmp_path / "cache")
+        load_data("sample", cache_dir=tmp_path / "cache")
+    assert len(first) == 1 and first[0].startswith("decoding ")
+    assert str(tmp_path / "cache") in first[0]
+    assert not caplog.records

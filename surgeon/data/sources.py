@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import tarfile
@@ -28,6 +29,7 @@ from surgeon.errors import DataError
 from surgeon.rundir import follow_umask
 
 SAMPLE_TAR = Path(__file__).parent / "sample" / "cifar10-sample.tar.gz"
+log = logging.getLogger(__name__)  # the CLI shows INFO lines on stderr
 CACHE_VERSION = 1  # bump when the cache layout or decoding changes
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "test")
@@ -476,6 +478,8 @@ def load_data(
     path = cache / f"{plan.cache_key}.safetensors"
     data = read_cache(path, plan.fingerprint)
     if data is None:
+        if plan.name != "sample":  # the embedded sample decodes in a moment
+            log.info("decoding %s once into %s; later loads read this cache", plan.name, path)
         data = plan.decode()
         data.mean, data.std = channel_stats(data.train_x)
         write_cache(path, plan.fingerprint, data)
