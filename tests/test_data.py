@@ -546,10 +546,11 @@ def test_loader_on_sample(sample):
     assert abs(float(xb.mean())) < 0.3  # roughly normalised (padding pulls it down a little)
 
 
-def test_a_first_decode_says_so_once(tmp_path, caplog):
+def test_a_slow_first_decode_says_so_once(tmp_path, caplog, monkeypatch):
     """The first load of a dataset decodes it (the CIFAR-10 JPEG copy takes about half a
-    minute): one INFO line names the cache; a cache hit says nothing, nor does the embedded
-    sample, which decodes in a moment."""
+    minute): a decode slower than DECODE_NOTE_AFTER_S (here 0) logs one INFO line naming the
+    cache; a cache hit says nothing."""
+    monkeypatch.setattr(sources, "DECODE_NOTE_AFTER_S", 0.0)
     root = tmp_path / "tiny"
     for split in ("train", "test"):
         for c in ("a", "b"):
@@ -562,7 +563,20 @@ def test_a_first_decode_says_so_once(tmp_path, caplog):
         first = [r.getMessage() for r in caplog.records]
         caplog.clear()
         load_data(str(root), cache_dir=tmp_path / "cache")
-        load_data("sample", cache_dir=tmp_path / "cache")
     assert len(first) == 1 and first[0].startswith("decoding ")
     assert str(tmp_path / "cache") in first[0]
     assert not caplog.records
+
+
+def test_the_note_comes_only_for_a_slow_block(caplog, monkeypatch):
+    import time
+
+    monkeypatch.setattr(sources, "DECODE_NOTE_AFTER_S", 0.05)
+    with caplog.at_level(logging.INFO, logger="surgeon.data.sources"):
+        with sources._note_if_slow("slow"):
+            time.sleep(0.5)
+        monkeypatch.setattr(sources, "DECODE_NOTE_AFTER_S", 0.3)
+        with sources._note_if_slow("fast"):
+            pass
+        time.sleep(0.6)  # the cancelled timer never fires
+    assert [r.getMessage() for r in caplog.records] == ["slow"]

@@ -6,6 +6,7 @@ later loads read the cache only. Nothing is pickled or `torch.load`-ed by this m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -14,8 +15,9 @@ import os
 import re
 import tarfile
 import tempfile
+import threading
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -455,6 +457,27 @@ def channel_stats(
 # --- entry point ---------------------------------------------------------------------------------
 
 
+DECODE_NOTE_AFTER_S = 2.0  # a decode still running after this long says what it is doing
+
+
+@contextlib.contextmanager
+def _note_if_slow(message: str) -> Iterator[None]:
+    """Log ``message`` (INFO) if the block is still running after
+    :data:`DECODE_NOTE_AFTER_S`: the first decode of the CIFAR-10 JPEG copy is half a minute
+    of silence otherwise, while a fast decode (or one that fails at once) prints nothing."""
+    if DECODE_NOTE_AFTER_S <= 0:
+        log.info(message)
+        yield
+        return
+    timer = threading.Timer(DECODE_NOTE_AFTER_S, log.info, args=(message,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def load_data(
     source: str = "sample",
     root: str | Path | None = None,
@@ -478,9 +501,8 @@ def load_data(
     path = cache / f"{plan.cache_key}.safetensors"
     data = read_cache(path, plan.fingerprint)
     if data is None:
-        if plan.name != "sample":  # the embedded sample decodes in a moment
-            log.info("decoding %s once into %s; later loads read this cache", plan.name, path)
-        data = plan.decode()
+        with _note_if_slow(f"decoding {plan.name} once into {path}; later loads read this cache"):
+            data = plan.decode()
         data.mean, data.std = channel_stats(data.train_x)
         write_cache(path, plan.fingerprint, data)
     train_x, train_y, test_x, test_y = data.train_x, data.train_y, data.test_x, data.test_y
