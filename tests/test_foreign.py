@@ -194,3 +194,14 @@ def test_a_library_in_a_site_packages_inside_the_standard_library_is_still_named
     assert _not_users(os.path.join(stdlib, "contextlib.py"), skip=(), stdlib=stdlib)
     assert _not_users("<string>", skip=(), stdlib=stdlib)
     assert not _not_users(os.path.join(os.sep, "home", "me", "model.py"), skip=(), stdlib=stdlib)
+
+
+def test_ssf_placement_on_a_transformers_vit() -> None:
+    """After every Linear, conv and LayerNorm but the classifier: per block q, k, v, the
+    output projection, two LayerNorms, fc1, fc2; plus the patch conv and the final norm."""
+    model = _vit().eval()
+    gm = surgeon.insert(model, "channel", "channel", input_size=[3, 32, 32], placement="ssf")
+    assert len(gm.surgeon_record.sites) == 2 * 8 + 2 and gm.surgeon_record.method == "fx"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(gm(x).logits, model(x).logits)
