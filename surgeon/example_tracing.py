@@ -11,11 +11,17 @@ while it traces, node by node, and answers such questions from the example:
   still recorded as nodes (the graph keeps a dynamic batch size, ``.to(x.dtype)`` follows a
   ``.half()`` model), but a Python decision on them (``bool``, ``len``, ``int``, iteration)
   takes the example's answer: the graph is specialised to the example's shapes and dtypes.
-  Each decision is counted (:attr:`ExampleTracer.decisions`).
+  Each decision is counted (``decisions``) and kept in the graph as a ``torch._assert``, so
+  an input that would take another path fails, naming the model's line, instead of running
+  the example's path.
 - A decision on tensor *data* (``if (x > 0).any()``) still fails, as in the plain tracer:
   that is data-dependent control flow, which no graph of one call may fix.
 - The root's forward is called with the example's positional inputs only, by their names, so
-  its decorators and ``**kwargs`` run as in an eager call.
+  its decorators and ``**kwargs`` run as in an eager call; a dict subclass it returns
+  (``ImageClassifierOutput``) is rebuilt at the end of the graph.
+- A parameterless module whose forward reads ``self.training`` and that is the identity in
+  eval mode on the example (stochastic depth) stays a module of the graph, like
+  ``nn.Dropout``, so the graph follows ``.train()``/``.eval()``.
 
 It is the second attempt of :func:`surgeon.tracing.trace`, used only when the plain trace
 fails and example inputs are known; the surgery record says so (``traced_with``).
@@ -60,9 +66,7 @@ class ExampleProxy(fx.Proxy):
 
     def __len__(self) -> int:
         n = self.tracer.length(self)
-        if n is None:
-            self.tracer.decide(self, "len")  # raises: no sized example value
-        return n
+        return len(self.tracer.decide(self, "len")) if n is None else n
 
     def __int__(self) -> int:
         return int(self.tracer.decide(self, "int"))
