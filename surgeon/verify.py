@@ -9,8 +9,12 @@ from torch import nn
 
 
 @torch.no_grad()
-def max_abs_diff_at_init(base: nn.Module, gm: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
-    """max |base(x) - gm(x)| in fp32 eval mode on ``inputs`` (0.0 means exact identity)."""
+def compare_outputs(
+    base: nn.Module, gm: nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> tuple[float, float | None]:
+    """``(max |base(x) - gm(x)|, max |base(x)|)`` in fp32 eval mode on ``inputs``, from one
+    call of each model (0.0 first means exact identity; the second is None when ``base``
+    returns no non-empty tensor)."""
     was = base.training, gm.training
     base.eval()
     gm.eval()
@@ -20,14 +24,20 @@ def max_abs_diff_at_init(base: nn.Module, gm: nn.Module, inputs: tuple[torch.Ten
         base.train(was[0])
         gm.train(was[1])
     flat_a, flat_b = flatten_tensors(a), flatten_tensors(b)
+    top = max((x.abs().max().item() for x in flat_a if x.numel()), default=None)
     if len(flat_a) != len(flat_b):
-        return float("inf")
+        return float("inf"), top
     diffs = [
         (x.float() - y.float()).abs().max().item()
         for x, y in zip(flat_a, flat_b, strict=True)
         if x.numel()
     ]
-    return max(diffs, default=0.0)
+    return max(diffs, default=0.0), top
+
+
+def max_abs_diff_at_init(base: nn.Module, gm: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
+    """max |base(x) - gm(x)| in fp32 eval mode on ``inputs`` (0.0 means exact identity)."""
+    return compare_outputs(base, gm, inputs)[0]
 
 
 def flatten_tensors(out: Any) -> list[torch.Tensor]:

@@ -21,7 +21,7 @@ from ..errors import SurgeryError
 from ..example_tracing import reads_metadata_only
 from ..layers import ChannelBatchNorm, ShiftScale, make_shift_scale
 from ..record import PassEntry, SurgeryRecord, finish, register_pass
-from ..verify import flatten_tensors, max_abs_diff_at_init
+from ..verify import compare_outputs
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -465,16 +465,7 @@ def fold(
     finish(gm, rec, model.training)
     report = FoldReport(entries, before, sum(1 for _ in gm.modules()))
     if check:
-        report.max_abs_diff = max_abs_diff_at_init(model, gm, inputs)
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            try:
-                out = model(*inputs)
-            finally:
-                model.train(was)
-            outs = [o for o in flatten_tensors(out) if o.numel()]
-            report.max_abs_output = max((o.abs().max().item() for o in outs), default=None)
+        report.max_abs_diff, report.max_abs_output = compare_outputs(model, gm, inputs)
     return gm, report
 
 
