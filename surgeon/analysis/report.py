@@ -90,7 +90,7 @@ def summary_row(run: Run, target: float | None) -> dict[str, Any]:
         "run": run.name,
         "experiment": run.experiment,
         "variant": run.variant,
-        "tag": run.config.get("tag") or "",
+        "tag": _tag(run),
         "lr": run.lr,
         "seed": run.seed,
         "status": run.status,
@@ -203,17 +203,20 @@ def _x_diverged(runs: list[Run]) -> str:
     return "; x: diverged" if any(r.status == "diverged" for r in runs) else ""
 
 
+def _tag(run: Run) -> str:
+    return str(run.config.get("tag") or "")
+
+
 def line_label(run: Run) -> str:
     """A figure line's label: the variant, and the recipe case it belongs to (``m1``, ``m0.1``)
     when it has one, so two cases of one variant are two lines."""
-    tag = str(run.config.get("tag") or "")
-    return run.variant + (f" [{tag}]" if tag else "")
+    return run.variant + (f" [{_tag(run)}]" if _tag(run) else "")
 
 
 def _line_order(runs: list[Run]) -> list[str]:
     """Line labels in :func:`variant_order`, the cases of a variant together."""
     rank = {v: i for i, v in enumerate(variant_order({r.variant for r in runs}))}
-    keys = {line_label(r): (rank[r.variant], str(r.config.get("tag") or "")) for r in runs}
+    keys = {line_label(r): (rank[r.variant], _tag(r)) for r in runs}
     return sorted(keys, key=keys.__getitem__)
 
 

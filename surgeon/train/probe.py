@@ -71,7 +71,7 @@ class Probe:
             )  # fmt: skip
         self.layers = sorted({r[k] for r in self.rows for k in ("before", "after")} - {None})
         self._weights_before: list[torch.Tensor] = []
-        self._step_sums = dict.fromkeys(self.layers, 0.0)
+        self._step_sums: list[torch.Tensor] = []  # per layer, on the weights' device
         self._steps = 0
 
     def _weights(self) -> list[torch.Tensor]:
@@ -85,18 +85,23 @@ class Probe:
         """Call just after ``optimizer.step()``: adds this step's relative update per layer."""
         if not self._weights_before:
             return
-        with torch.no_grad():
-            for name, old, new in zip(self.layers, self._weights_before, self._weights()):
-                ratio = (new.float() - old.float()).norm() / old.float().norm().clamp_min(1e-12)
-                self._step_sums[name] += ratio.item()
+        with torch.no_grad():  # summed on the device: no host sync per step
+            ratios = [
+                (new.float() - old.float()).norm() / old.float().norm().clamp_min(1e-12)
+                for old, new in zip(self._weights_before, self._weights(), strict=True)
+            ]
+            self._step_sums = (
+                ratios if not self._step_sums else [a + r for a, r in zip(self._step_sums, ratios)]
+            )
         self._steps += 1
         self._weights_before = []
 
     def _step_sizes(self) -> dict[str, float | None]:
         """Mean relative update per layer since the last call (None before any step)."""
-        sizes = {n: (v / self._steps if self._steps else None) for n, v in self._step_sums.items()}
-        self._step_sums = dict.fromkeys(self.layers, 0.0)
-        self._steps = 0
+        if not self._steps:
+            return dict.fromkeys(self.layers)
+        sizes = {n: v.item() / self._steps for n, v in zip(self.layers, self._step_sums)}
+        self._step_sums, self._steps = [], 0
         return sizes
 
     def measure(self, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, Any]]:
